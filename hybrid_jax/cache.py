@@ -1,0 +1,79 @@
+"""Device cache state: paged KV for attention layers and Mamba conv/SSM state slots.
+
+Block 0 and slot 0 are scratch: padding rows of a bucketed batch read and write there, so no real block or slot
+is touched by padding. The allocator never hands them out.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from hybrid_jax.config import ModelConfig
+
+NULL_BLOCK = 0
+NULL_SLOT = 0
+
+
+@struct.dataclass
+class PagedKV:
+    k: jax.Array  # [attn_layers, num_blocks, block_size, kv_heads, head_dim]
+    v: jax.Array
+
+
+@struct.dataclass
+class MambaState:
+    conv: jax.Array  # [mamba_layers, num_slots, conv_dim, d_conv - 1]
+    ssm: jax.Array   # [mamba_layers, num_slots, heads, head_dim, d_state], float32
+
+
+@struct.dataclass
+class Cache:
+    kv: PagedKV
+    mamba: MambaState
+
+    @property
+    def block_size(self) -> int:
+        return self.kv.k.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.k.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.mamba.ssm.shape[1]
+
+
+def init_cache(cfg: ModelConfig, *, num_blocks: int, block_size: int, num_slots: int, dtype=jnp.float32) -> Cache:
+    """Zeroed cache. num_blocks and num_slots include the scratch block 0 and slot 0."""
+    la, lm = max(cfg.num_attention_layers, 1), max(cfg.num_mamba_layers, 1)
+    kv_shape = (la, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    return Cache(
+        kv=PagedKV(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype)),
+        mamba=MambaState(conv=jnp.zeros((lm, num_slots, cfg.conv_dim, cfg.d_conv - 1), dtype),
+                         ssm=jnp.zeros((lm, num_slots, cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state),
+                                       jnp.float32)))
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype=jnp.float32) -> int:
+    return 2 * cfg.num_attention_layers * block_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def bytes_per_slot(cfg: ModelConfig, dtype=jnp.float32) -> int:
+    lm = cfg.num_mamba_layers
+    return lm * (cfg.conv_dim * (cfg.d_conv - 1) * jnp.dtype(dtype).itemsize
+                 + cfg.mamba_heads * cfg.mamba_head_dim * cfg.d_state * 4)
+
+
+def copy_block(cache: Cache, src: jax.Array, dst: jax.Array) -> Cache:
+    """Copy-on-write of KV blocks src[i] -> dst[i] in every attention layer (vectors of block ids)."""
+    kv = cache.kv
+    return cache.replace(kv=PagedKV(k=kv.k.at[:, dst].set(kv.k[:, src]), v=kv.v.at[:, dst].set(kv.v[:, src])))
+
+
+def copy_slot(cache: Cache, src: jax.Array, dst: jax.Array) -> Cache:
+    """Copy Mamba conv + SSM state of slots src[i] -> dst[i] in every Mamba layer."""
+    m = cache.mamba
+    return cache.replace(mamba=MambaState(conv=m.conv.at[:, dst].set(m.conv[:, src]),
+                                          ssm=m.ssm.at[:, dst].set(m.ssm[:, src])))

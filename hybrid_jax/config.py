@@ -1,0 +1,200 @@
+"""Static model configuration, parsed from a Hugging Face `config.json` of one of three hybrid families.
+
+Every family is flattened into one list of residual *sublayers* (norm -> op -> residual add), each of kind
+"mamba", "attention" or "mlp". NemotronH layers are already sublayers; a Granite or Bamba decoder layer is a mixer
+sublayer followed by an MLP sublayer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+FAMILIES = ("nemotron_h", "granitemoehybrid", "bamba")
+_NEMOTRON_KIND = {"M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
+                  "*": "attention", "attention": "attention", "full_attention": "attention",
+                  "-": "mlp", "mlp": "mlp", "E": "moe", "moe": "moe"}
+
+
+class ConfigError(ValueError):
+    """The config names something this engine does not (yet) run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    sublayers: tuple[str, ...]          # "mamba" | "attention" | "mlp", in order
+    rms_eps: float
+    # attention
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    attention_bias: bool
+    attn_scale: float
+    rope_dim: int                       # 0: no positional encoding
+    rope_theta: float
+    # mlp
+    intermediate_size: int
+    mlp_kind: str                       # "relu2" (up/down) | "swiglu" (gate/up/down)
+    mlp_bias: bool
+    # mamba
+    mamba_heads: int
+    mamba_head_dim: int
+    mamba_groups: int
+    d_state: int
+    d_conv: int
+    chunk_size: int
+    conv_bias: bool
+    mamba_proj_bias: bool
+    dt_min: float                       # time_step_limit
+    dt_max: float
+    # scalars (Granite); 1.0 elsewhere
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    max_position_embeddings: int = 4096
+    torch_dtype: str = "float32"
+
+    @property
+    def mamba_inner(self) -> int:
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.mamba_inner + 2 * self.mamba_groups * self.d_state
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self.sublayers.count("attention")
+
+    @property
+    def num_mamba_layers(self) -> int:
+        return self.sublayers.count("mamba")
+
+
+def _float(v: Any) -> float:
+    """config.json may spell infinity as {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        return float(v["__float__"])
+    return float(v)
+
+
+def _eos(v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+def _rope(hf: dict, head_dim: int, partial: float) -> tuple[int, float]:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ConfigError(f"rope type {rope_type!r} is not supported (only default RoPE)")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", partial)))
+    return int(head_dim * partial), theta
+
+
+def _nemotron_sublayers(hf: dict) -> tuple[str, ...]:
+    kinds = hf.get("layers_block_type") or hf.get("layer_types")
+    if kinds is None:
+        pattern = hf.get("hybrid_override_pattern")
+        if pattern is None:
+            raise ConfigError("nemotron_h config has neither layers_block_type nor hybrid_override_pattern")
+        kinds = list(pattern)
+    out = []
+    for k in kinds:
+        if k not in _NEMOTRON_KIND:
+            raise ConfigError(f"unknown NemotronH layer type {k!r}")
+        out.append(_NEMOTRON_KIND[k])
+    if "moe" in out:
+        raise ConfigError("mixture-of-experts layers (moe) are not supported yet")
+    return tuple(out)
+
+
+def from_hf(hf: dict) -> ModelConfig:
+    """Build a ModelConfig from a parsed config.json; raises ConfigError for unknown or unsupported models."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown architecture model_type={family!r} (architectures={hf.get('architectures')}); "
+                          f"supported: {', '.join(FAMILIES)}")
+    H = int(hf["hidden_size"])
+    heads = int(hf["num_attention_heads"])
+    kv = int(hf.get("num_key_value_heads") or heads)
+    common = dict(family=family, vocab_size=int(hf["vocab_size"]), hidden_size=H,
+                  tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                  eos_token_ids=_eos(hf.get("eos_token_id")), bos_token_id=hf.get("bos_token_id"),
+                  pad_token_id=hf.get("pad_token_id"),
+                  max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                  torch_dtype=str(hf.get("torch_dtype", hf.get("dtype", "float32"))),
+                  num_heads=heads, num_kv_heads=kv)
+    if family == "nemotron_h":
+        head_dim = int(hf.get("head_dim") or hf.get("attention_head_dim") or H // heads)
+        limit = hf.get("time_step_limit", (0.0, float("inf")))
+        n_heads = int(hf.get("mamba_num_heads"))
+        return ModelConfig(
+            **common, sublayers=_nemotron_sublayers(hf), rms_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
+            attn_scale=1.0 / math.sqrt(head_dim), rope_dim=0, rope_theta=0.0,
+            intermediate_size=int(hf["intermediate_size"]), mlp_kind=_relu2(hf.get("mlp_hidden_act", "relu2")),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mamba_heads=n_heads, mamba_head_dim=int(hf["mamba_head_dim"]),
+            mamba_groups=int(hf.get("n_groups", hf.get("mamba_n_groups", 1))),
+            d_state=int(hf.get("ssm_state_size", hf.get("mamba_d_state", 128))),
+            d_conv=int(hf.get("conv_kernel", hf.get("mamba_d_conv", 4))),
+            chunk_size=int(hf.get("chunk_size", hf.get("mamba_chunk_size", 128))),
+            conv_bias=bool(hf.get("use_conv_bias", True)), mamba_proj_bias=bool(hf.get("use_bias", False)),
+            dt_min=_float(limit[0]), dt_max=_float(limit[1]))
+
+    # Granite 4.0-H and Bamba share the Mamba2 field names.
+    head_dim = int(hf.get("head_dim") or H // heads)
+    if family == "granitemoehybrid":
+        if int(hf.get("num_local_experts") or 0) > 0:
+            raise ConfigError("mixture-of-experts layers (num_local_experts > 0) are not supported yet")
+        layer_types = hf["layer_types"]
+        rope_dim, theta = _rope(hf, head_dim, 1.0) if hf.get("position_embedding_type") == "rope" else (0, 0.0)
+        intermediate = int(hf.get("shared_intermediate_size") or hf["intermediate_size"])
+        scalars = dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                       residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                       logits_scaling=float(hf.get("logits_scaling", 1.0)))
+        scale = float(hf.get("attention_multiplier", 1.0 / math.sqrt(head_dim)))
+    else:
+        attn = set(hf.get("attn_layer_indices") or [])
+        layer_types = ["attention" if i in attn else "mamba" for i in range(int(hf["num_hidden_layers"]))]
+        rope_dim, theta = _rope(hf, head_dim, 0.5)
+        intermediate = int(hf["intermediate_size"])
+        scalars = {}
+        scale = 1.0 / math.sqrt(head_dim)
+    sub: list[str] = []
+    for t in layer_types:
+        kind = _NEMOTRON_KIND.get(t)
+        if kind not in ("mamba", "attention"):
+            raise ConfigError(f"unknown layer type {t!r}")
+        sub += [kind, "mlp"]
+    n_heads = int(hf["mamba_n_heads"])
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    expand_inner = int(hf.get("mamba_expand", 2)) * H
+    d_head = hf.get("mamba_d_head", "auto")
+    mamba_head_dim = expand_inner // n_heads if d_head in (None, "auto") else int(d_head)
+    return ModelConfig(
+        **common, **scalars, sublayers=tuple(sub), rms_eps=float(hf.get("rms_norm_eps", 1e-6 if family == "granitemoehybrid" else 1e-5)),
+        head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)), attn_scale=scale,
+        rope_dim=rope_dim, rope_theta=theta, intermediate_size=intermediate, mlp_kind="swiglu",
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mamba_heads=n_heads, mamba_head_dim=mamba_head_dim, mamba_groups=int(hf.get("mamba_n_groups", 1)),
+        d_state=int(hf.get("mamba_d_state", 128)), d_conv=int(hf.get("mamba_d_conv", 4)),
+        chunk_size=int(hf.get("mamba_chunk_size", 256)), conv_bias=bool(hf.get("mamba_conv_bias", True)),
+        mamba_proj_bias=bool(hf.get("mamba_proj_bias", False)),
+        dt_min=_float(limit[0]), dt_max=_float(limit[1]))
+
+
+def _relu2(act: str) -> str:
+    if act != "relu2":
+        raise ConfigError(f"NemotronH mlp_hidden_act {act!r} is not supported (only relu2)")
+    return "relu2"

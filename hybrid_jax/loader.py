@@ -1,0 +1,203 @@
+"""Read a Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index) into params.
+
+Params pytree: {"embed": [V,D], "final_norm": [D], "lm_head": [V,D] (absent when tied),
+"layers": [one dict per sublayer]}; projection weights are stored [in, out].
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from hybrid_jax.config import ConfigError, ModelConfig, from_hf
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is missing files or holds weights that do not fit the config."""
+
+
+def read_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+class _Weights:
+    """Lazy name -> numpy array over one or many safetensors files."""
+
+    def __init__(self, path: str):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+        self._where: dict[str, str] = {}
+        for fn in files:
+            full = os.path.join(path, fn)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"checkpoint shard {full!r} named in the index is missing")
+            with safe_open(full, "numpy") as f:
+                for k in f.keys():
+                    self._where[k] = full
+        self._open: dict[str, object] = {}
+
+    def keys(self):
+        return self._where.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise CheckpointError(f"weight {name!r} is missing from the checkpoint")
+        fn = self._where[name]
+        if fn not in self._open:
+            self._open[fn] = safe_open(fn, "numpy").__enter__()
+        return self._open[fn].get_tensor(name)
+
+
+def _prefix(weights: _Weights, cfg: ModelConfig) -> str:
+    if cfg.family == "nemotron_h":
+        for p in ("backbone.", "model."):
+            if p + "embeddings.weight" in weights.keys() or p + "embed_tokens.weight" in weights.keys():
+                return p
+        raise CheckpointError("NemotronH checkpoint has neither backbone.embeddings nor model.embeddings weights")
+    return "model."
+
+
+def _mamba_names(pre: str) -> dict[str, str]:
+    return {"in_proj": pre + "in_proj.weight", "in_proj_b": pre + "in_proj.bias", "conv_w": pre + "conv1d.weight",
+            "conv_b": pre + "conv1d.bias", "dt_bias": pre + "dt_bias", "A_log": pre + "A_log", "D": pre + "D",
+            "norm_w": pre + "norm.weight", "out_proj": pre + "out_proj.weight", "out_proj_b": pre + "out_proj.bias"}
+
+
+def _attn_names(pre: str) -> dict[str, str]:
+    out = {}
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+        out[ours] = f"{pre}{theirs}.weight"
+        out[ours + "_b"] = f"{pre}{theirs}.bias"
+    return out
+
+
+def expected_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
+    """Our stored shape of every parameter of a sublayer kind (projections [in, out])."""
+    D = cfg.hidden_size
+    if kind == "mamba":
+        proj = cfg.mamba_inner + cfg.conv_dim + cfg.mamba_heads
+        return {"norm": (D,), "in_proj": (D, proj), "in_proj_b": (proj,), "conv_w": (cfg.conv_dim, cfg.d_conv),
+                "conv_b": (cfg.conv_dim,), "dt_bias": (cfg.mamba_heads,), "A_log": (cfg.mamba_heads,),
+                "D": (cfg.mamba_heads,), "norm_w": (cfg.mamba_inner,), "out_proj": (cfg.mamba_inner, D),
+                "out_proj_b": (D,)}
+    if kind == "attention":
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return {"norm": (D,), "q": (D, q), "q_b": (q,), "k": (D, kv), "k_b": (kv,), "v": (D, kv), "v_b": (kv,),
+                "o": (q, D), "o_b": (D,)}
+    I = cfg.intermediate_size
+    return {"norm": (D,), "gate": (D, I), "up": (D, I), "down": (I, D), "up_b": (I,), "down_b": (D,),
+            "gate_b": (I,)}
+
+
+_OPTIONAL = {"in_proj_b", "out_proj_b", "conv_b", "q_b", "k_b", "v_b", "o_b", "up_b", "down_b", "gate_b"}
+
+
+def _sublayer_sources(cfg: ModelConfig, pre: str) -> list[dict[str, str | Callable]]:
+    """For each sublayer: our name -> checkpoint tensor name (or a callable producing the tensor)."""
+    out = []
+    if cfg.family == "nemotron_h":
+        for i, kind in enumerate(cfg.sublayers):
+            lp = f"{pre}layers.{i}."
+            names: dict = {"norm": lp + "norm.weight"}
+            if kind == "mamba":
+                names |= _mamba_names(lp + "mixer.")
+            elif kind == "attention":
+                names |= _attn_names(lp + "mixer.")
+            else:
+                names |= {"up": lp + "mixer.up_proj.weight", "down": lp + "mixer.down_proj.weight",
+                          "up_b": lp + "mixer.up_proj.bias", "down_b": lp + "mixer.down_proj.bias"}
+            out.append(names)
+        return out
+    for j in range(len(cfg.sublayers) // 2):
+        lp = f"{pre}layers.{j}."
+        kind = cfg.sublayers[2 * j]
+        mixer: dict = {"norm": lp + "input_layernorm.weight"}
+        mixer |= _mamba_names(lp + "mamba.") if kind == "mamba" else _attn_names(lp + "self_attn.")
+        if cfg.family == "granitemoehybrid":
+            mlp = {"norm": lp + "post_attention_layernorm.weight", "gate_up": lp + "shared_mlp.input_linear.weight",
+                   "down": lp + "shared_mlp.output_linear.weight"}
+        else:
+            mlp = {"norm": lp + "pre_ff_layernorm.weight", "gate": lp + "feed_forward.gate_proj.weight",
+                   "up": lp + "feed_forward.up_proj.weight", "down": lp + "feed_forward.down_proj.weight",
+                   "gate_b": lp + "feed_forward.gate_proj.bias", "up_b": lp + "feed_forward.up_proj.bias",
+                   "down_b": lp + "feed_forward.down_proj.bias"}
+        out += [mixer, mlp]
+    return out
+
+
+def _to_ours(name: str, a: np.ndarray) -> np.ndarray:
+    if name == "conv_w":
+        return a.reshape(a.shape[0], a.shape[-1])  # torch [C, 1, W]
+    if a.ndim == 2:
+        return a.T  # torch Linear [out, in] -> [in, out]
+    return a
+
+
+def load_params(path: str, cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    w = _Weights(path)
+    pre = _prefix(w, cfg)
+    keys = set(w.keys())
+
+    def put(a: np.ndarray, name: str, shape: tuple[int, ...], where: str):
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"weight {where!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
+                                  f"(our layout {name})")
+        # Mamba A_log, D, dt_bias stay float32: they enter exp/softplus of the recurrence.
+        dt = jnp.float32 if name in ("A_log", "D", "dt_bias") else dtype
+        return jnp.asarray(a.astype(np.float32) if a.dtype != np.float32 else a, dtype=dt)
+
+    layers = []
+    for kind, names in zip(cfg.sublayers, _sublayer_sources(cfg, pre)):
+        shapes = expected_shapes(cfg, kind)
+        p = {}
+        for ours, theirs in names.items():
+            if ours == "gate_up":  # Granite fuses [gate; up] along the output dim
+                a = w.get(theirs)
+                if a.shape != (2 * cfg.intermediate_size, cfg.hidden_size):
+                    raise CheckpointError(f"weight {theirs!r} has shape {tuple(a.shape)}, expected "
+                                          f"{(2 * cfg.intermediate_size, cfg.hidden_size)}")
+                p["gate"] = put(a[:cfg.intermediate_size].T, "gate", shapes["gate"], theirs)
+                p["up"] = put(a[cfg.intermediate_size:].T, "up", shapes["up"], theirs)
+                continue
+            if ours in _OPTIONAL and theirs not in keys:
+                continue
+            a = w.get(theirs)
+            p[ours] = put(_to_ours(ours, a), ours, shapes[ours], theirs)
+        layers.append(p)
+    V, D = cfg.vocab_size, cfg.hidden_size
+    embed_name = pre + ("embeddings.weight" if pre + "embeddings.weight" in keys else "embed_tokens.weight")
+    final = {"nemotron_h": "norm_f.weight", "granitemoehybrid": "norm.weight", "bamba": "final_layernorm.weight"}
+    params = {"embed": put(w.get(embed_name), "embed", (V, D), embed_name),
+              "final_norm": put(w.get(pre + final[cfg.family]), "final_norm", (D,), pre + final[cfg.family]),
+              "layers": layers}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = put(w.get("lm_head.weight"), "lm_head", (V, D), "lm_head.weight")
+    return params
+
+
+def load_pretrained(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """(cfg, params) from a Hugging Face checkpoint directory. Raises FileNotFoundError, ConfigError or
+    CheckpointError with a message naming what is wrong."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    cfg = from_hf(read_config(path))
+    return cfg, load_params(path, cfg, jnp.dtype(dtype))
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "load_params", "read_config"]
