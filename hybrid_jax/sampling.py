@@ -1,0 +1,53 @@
+"""Batched sampling on device: greedy, temperature, top-k, top-p, min-p, per-row seeds.
+
+Rows carry their own parameters, so one compiled function serves any mix of requests. Each row's key is
+fold_in(PRNGKey(seed), step): a request samples the same tokens whatever batch it shares.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NUM_TOP_LOGPROBS = 5
+
+
+@struct.dataclass
+class SamplingBatch:
+    temperature: jax.Array  # [B] f32; 0 = greedy
+    top_k: jax.Array        # [B] i32; <= 0 = off
+    top_p: jax.Array        # [B] f32; 1 = off
+    min_p: jax.Array        # [B] f32; 0 = off
+    seed: jax.Array         # [B] u32
+    step: jax.Array         # [B] i32, tokens sampled so far by the row
+
+
+@functools.partial(jax.jit)
+def sample(logits_BV: jax.Array, sb: SamplingBatch):
+    """Returns (token [B] i32, logprob of token [B], top ids [B,5], top logprobs [B,5]) under the raw model
+    distribution (logprobs are reported before temperature and truncation, as OpenAI does)."""
+    logits = logits_BV.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1)
+
+    V = logits.shape[-1]
+    t = jnp.where(sb.temperature > 0, sb.temperature, 1.0)[:, None]
+    scaled = logits / t
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_l = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(V)[None, :]
+    keep = jnp.where(sb.top_k[:, None] > 0, rank < sb.top_k[:, None], True)
+    probs = jax.nn.softmax(sorted_l, axis=-1)
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= cum_before < sb.top_p[:, None]          # the top token always survives
+    keep &= probs >= sb.min_p[:, None] * probs[:, :1]
+    masked = jnp.where(keep, sorted_l, -jnp.inf)
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(sb.seed, sb.step)
+    pick = jax.vmap(jax.random.categorical)(keys, masked)
+    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
+    token = jnp.where(sb.temperature > 0, sampled, greedy).astype(jnp.int32)
+    tok_lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, NUM_TOP_LOGPROBS)
+    return token, tok_lp, top_ids, top_lp

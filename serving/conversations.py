@@ -1,0 +1,80 @@
+"""Step 2, the frontend conversation ledger: leases and the committed messages and token ids per conversation.
+
+The key is (cache_salt, conversation_id), so another salt never finds the conversation (I5). A lease allows one
+turn in flight per key (I6). `ids` are all tokens of the committed turns: what the model consumed plus the last
+sampled token, which the next turn feeds first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+from serving.errors import ConversationBusy
+
+
+@dataclasses.dataclass
+class Conversation:
+    messages: list[dict]
+    ids: list[int]
+    turns: int = 0
+    last_used: float = dataclasses.field(default_factory=time.time)
+    busy: bool = False
+
+
+class ConversationLedger:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._convs: dict[tuple[str | None, str], Conversation] = {}
+
+    def lease(self, key) -> Conversation | None:
+        """Take the lease of key; returns a snapshot of the committed conversation (None if new)."""
+        with self._lock:
+            conv = self._convs.get(key)
+            if conv is None:
+                self._convs[key] = Conversation(messages=[], ids=[], busy=True)
+                return None
+            if conv.busy:
+                raise ConversationBusy(f"conversation {key[1]!r} already has a turn in flight; "
+                                       "retry when it finishes")
+            conv.busy = True
+            if conv.turns == 0:
+                return None
+            return Conversation(list(conv.messages), list(conv.ids), conv.turns, conv.last_used)
+
+    def finish(self, key, ok: bool, messages: list[dict] | None = None, ids: list[int] | None = None) -> None:
+        """Release the lease; on success the turn's messages and ids become the committed ones."""
+        with self._lock:
+            conv = self._convs.get(key)
+            if conv is None:
+                return
+            conv.busy = False
+            if ok:
+                conv.messages, conv.ids = messages, ids
+                conv.turns += 1
+                conv.last_used = time.time()
+            elif conv.turns == 0:
+                del self._convs[key]
+
+    def get(self, key) -> Conversation | None:
+        with self._lock:
+            conv = self._convs.get(key)
+            return None if conv is None or conv.turns == 0 else dataclasses.replace(conv)
+
+    def delete(self, key) -> bool:
+        with self._lock:
+            conv = self._convs.get(key)
+            if conv is None or conv.turns == 0:
+                return False
+            if conv.busy:
+                raise ConversationBusy(f"conversation {key[1]!r} has a turn in flight")
+            del self._convs[key]
+            return True
+
+    def items(self):
+        with self._lock:
+            return [(k, dataclasses.replace(c)) for k, c in self._convs.items() if c.turns > 0]
+
+    def restore(self, key, conv: Conversation) -> None:
+        with self._lock:
+            self._convs[key] = conv

@@ -1,0 +1,138 @@
+"""Durable committed state: save on graceful shutdown, restore on start.
+
+Layout under the cache dir: `state-<n>/` (orbax-checkpoint arrays: the committed KV blocks and Mamba slots),
+`state-<n>.json` (ledger: conversations, turns and where their blocks and slots sit in the arrays) and `LATEST`
+(the name of the last complete state). LATEST is replaced atomically only after both are fully written, so a
+crash mid-save leaves the previous good state (or none) to load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from hybrid_jax import ledger as L
+from hybrid_jax.cache import Cache, MambaState, PagedKV
+from serving.conversations import Conversation
+
+log = logging.getLogger("serving.persist")
+FORMAT = 1
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, directory: str) -> str:
+    """Write the committed conversations of `engine`; returns the state name. Runs on the engine thread."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    name = f"state-{time.time_ns()}"
+    turns = dict(engine.ledger.turns)
+    blocks = sorted({b for t in turns.values() for b in t.blocks})
+    slots = [t.slot for t in turns.values()]
+    bpos = {b: i for i, b in enumerate(blocks)}
+    convs = []
+    for key, conv in engine.conversations.items():
+        t = turns.get(key)
+        convs.append({"salt": key[0], "id": key[1], "messages": conv.messages, "ids": conv.ids, "turns": conv.turns,
+                      "last_used": conv.last_used,
+                      "turn": None if t is None else {"length": t.length, "blocks": [bpos[b] for b in t.blocks],
+                                                      "slot": slots.index(t.slot)}})
+    meta = {"format": FORMAT, "model": engine.model_name, "block_size": engine.block_size,
+            "cache_mode": engine.cache_mode, "num_blocks": len(blocks), "num_slots": len(slots),
+            "conversations": convs}
+    if slots:
+        c = engine.cache
+        b, s = jnp.asarray(blocks), jnp.asarray(slots)
+        arrays = jax.device_get({"k": c.kv.k[:, b], "v": c.kv.v[:, b], "conv": c.mamba.conv[:, s],
+                                 "ssm": c.mamba.ssm[:, s]})
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(directory, name), {k: np.asarray(v) for k, v in arrays.items()})
+        ckpt.wait_until_finished()
+    _atomic_write(os.path.join(directory, name + ".json"), json.dumps(meta))
+    previous = _latest(directory)
+    _atomic_write(os.path.join(directory, "LATEST"), name)
+    if previous and previous != name:
+        shutil.rmtree(os.path.join(directory, previous), ignore_errors=True)
+        _remove(os.path.join(directory, previous + ".json"))
+    log.info("saved %d conversations (%d KV blocks, %d slots) to %s", len(convs), len(blocks), len(slots),
+             directory)
+    return name
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _latest(directory: str) -> str | None:
+    try:
+        with open(os.path.join(directory, "LATEST")) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def load(engine, directory: str) -> bool:
+    """Restore the last complete state into a fresh engine. Returns False (and loads nothing) if there is none
+    or it does not fit this engine."""
+    name = _latest(os.path.abspath(directory))
+    if name is None:
+        return False
+    try:
+        with open(os.path.join(directory, name + ".json")) as f:
+            meta = json.load(f)
+        if meta["format"] != FORMAT or meta["block_size"] != engine.block_size or meta["model"] != engine.model_name:
+            log.warning("cache state in %s is for another model or block size; starting empty", directory)
+            return False
+        arrays = None
+        if meta["num_slots"]:
+            arrays = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(directory, name)))
+        _install(engine, meta, arrays)
+    except Exception:
+        log.exception("could not load cache state %s from %s; starting empty", name, directory)
+        return False
+    log.info("restored %d conversations from %s", len(meta["conversations"]), directory)
+    return True
+
+
+def _install(engine, meta: dict, arrays) -> None:
+    led = engine.ledger
+    rc, slots = led.refcount.copy(), led.slots.copy()
+    new_blocks = L._alloc_blocks(rc, meta["num_blocks"])
+    new_slots = []
+    for _ in range(meta["num_slots"]):
+        s = L._alloc_slot(slots)
+        slots[s] = L.SLOT_COMMITTED
+        new_slots.append(s)
+    c = engine.cache
+    if arrays is not None:
+        b, s = jnp.asarray(new_blocks), jnp.asarray(new_slots)
+        c = Cache(kv=PagedKV(k=c.kv.k.at[:, b].set(arrays["k"]), v=c.kv.v.at[:, b].set(arrays["v"])),
+                  mamba=MambaState(conv=c.mamba.conv.at[:, s].set(arrays["conv"]),
+                                   ssm=c.mamba.ssm.at[:, s].set(arrays["ssm"])))
+    turns = {}
+    for conv in meta["conversations"]:
+        key = (conv["salt"], conv["id"])
+        engine.conversations.restore(key, Conversation(conv["messages"], conv["ids"], conv["turns"],
+                                                       conv["last_used"]))
+        t = conv["turn"]
+        if t is not None:
+            turns[key] = L.Turn(t["length"], tuple(new_blocks[i] for i in t["blocks"]), new_slots[t["slot"]], 0)
+    engine.cache = c
+    engine.ledger = led._with(refcount=rc, slots=slots, turns=turns)
