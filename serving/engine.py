@@ -147,6 +147,7 @@ class _Request:
     key: tuple | None = None                 # (cache_salt, conversation_id)
     new_messages: list[dict] | None = None   # committed messages of this turn on success
     drop_committed: bool = False             # history disagreed with the ledger: recompute, do not attach
+    raw: bool = False                        # a raw completion turn: commits no assistant message
     pending: L.Pending | None = None
     attached: int = 0
     num_computed: int = 0
@@ -167,11 +168,12 @@ class _Request:
         return self.num_computed < len(self.prompt_ids) + max(len(self.generated) - 1, 0)
 
 
-def _pow2_at_least(n: int, lo: int = 1) -> int:
+def _bucket(n: int, lo: int = 1, cap: int | None = None) -> int:
+    """Shape bucket: lo * 4**k >= n (capped). Coarse buckets keep the number of compiled shapes small."""
     b = lo
     while b < n:
-        b *= 2
-    return b
+        b *= 4
+    return min(b, cap) if cap is not None else b
 
 
 def _parse_bytes(v) -> int | None:
@@ -201,7 +203,7 @@ class Engine:
         self.cache_mode, self.block_size = cache_mode, int(block_size)
         self.max_model_len, self.max_num_seqs = int(max_model_len), int(max_num_seqs)
         self.model_name, self.metrics = model_name, metrics or _NullMetrics()
-        self.max_prefill_tokens = _pow2_at_least(max_prefill_tokens, 16)
+        self.max_prefill_tokens = _bucket(max_prefill_tokens, 16)
         self.max_prefill_rows = max(1, min(max_prefill_rows, max_num_seqs))
         self.max_waiting = max_waiting
         dtype = params["embed"].dtype
@@ -218,7 +220,7 @@ class Engine:
                 # Split memory so that one slot accompanies every ~8 blocks of conversation.
                 num_blocks = max(int(kv_memory / (bb + sb / 8)), self.table_width + 1)
         if num_slots is None:
-            num_slots = max(per_seq_slots * self.max_num_seqs + 1, num_blocks // 8) + 1
+            num_slots = max(per_seq_slots * self.max_num_seqs + 1, num_blocks // 4) + 1
         if num_slots < per_seq_slots * self.max_num_seqs + 1:
             raise ValueError(f"num_slots={num_slots} is too small for max_num_seqs={self.max_num_seqs}")
         self.cache = init_cache(cfg, num_blocks=num_blocks, block_size=self.block_size, num_slots=num_slots,
@@ -265,22 +267,36 @@ class Engine:
             self.conversations.finish(key, ok=False)
             raise
 
-    def complete(self, prompt, **sampling) -> ChatResult:
-        return self.complete_stream(prompt, **sampling).result()
+    def complete(self, prompt, conversation_id=None, cache_salt=None, **sampling) -> ChatResult:
+        return self.complete_stream(prompt, conversation_id, cache_salt, **sampling).result()
 
-    def complete_stream(self, prompt, **sampling) -> RequestHandle:
+    def complete_stream(self, prompt, conversation_id=None, cache_salt=None, **sampling) -> RequestHandle:
+        """Raw completion. With a conversation_id, prompt continues the conversation's committed tokens
+        (no chat template): the turn computes only the new tokens."""
         sp = SamplingParams.create(**sampling)
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids = [int(t) for t in prompt]
             if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
                 raise BadRequest(f"token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
         else:
             raise BadRequest("prompt must be a string or a list of token ids", param="prompt")
         if not ids:
             raise BadRequest("prompt is empty", param="prompt")
-        return self._submit(_Request(self._rid("cmpl"), ids, sp))
+        if conversation_id is None:
+            return self._submit(_Request(self._rid("cmpl"), ids, sp))
+        key = _conversation_key(conversation_id, cache_salt)
+        conv = self.conversations.lease(key)
+        try:
+            prior = conv.ids if conv is not None else []
+            msgs = conv.messages if conv is not None else []
+            return self._submit(_Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, new_messages=msgs,
+                                         raw=True))
+        except BaseException:
+            self.conversations.finish(key, ok=False)
+            raise
 
     def get_conversation(self, conversation_id, cache_salt=None) -> dict | None:
         key = _conversation_key(conversation_id, cache_salt)
@@ -506,7 +522,7 @@ class Engine:
             s = r.num_computed
             spans.append((s, self._chunk_end(r, s, len(r.prompt_ids))))
         rows = 1 if len(reqs) == 1 else self.max_prefill_rows
-        T = _pow2_at_least(max(e - s for s, e in spans), 16)
+        T = _bucket(max(e - s for s, e in spans), 16, cap=self.max_prefill_tokens)
         tokens = np.zeros((rows, T), np.int32)
         start = np.zeros(rows, np.int32)
         length = np.zeros(rows, np.int32)
@@ -546,7 +562,7 @@ class Engine:
                 self._finish(r, "length", ok=True)  # no room left to grow: end the turn as if at max length
         if not ready:
             return True
-        rows = _pow2_at_least(len(ready))
+        rows = _bucket(len(ready), 1, cap=self.max_num_seqs)
         tokens = np.zeros((rows, 1), np.int32)
         start = np.zeros(rows, np.int32)
         length = np.zeros(rows, np.int32)
@@ -635,7 +651,9 @@ class Engine:
                 self.ledger = L.commit(self.ledger, r.pending, ok, r.num_computed)
             r.pending = None
         if r.key is not None:
-            if ok:
+            if ok and r.raw:
+                self.conversations.finish(r.key, True, list(r.new_messages), list(r.prompt_ids) + r.generated)
+            elif ok:
                 # The committed answer is what its token ids decode to, so that rendering the committed
                 # messages reproduces the committed ids (r.text may be cut at a stop string).
                 body = r.generated[:-1] if r.generated and r.generated[-1] in self._stop_ids(r) else r.generated

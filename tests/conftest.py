@@ -1,0 +1,45 @@
+"""Shared fixtures. A persistent JAX compilation cache makes repeated jit shapes (and server subprocesses) cheap."""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Tests run tiny models: XLA's backend optimisations cost ~3x compile time and buy nothing measurable here.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import pytest  # noqa: E402
+
+
+def write_tiny_byte_model(out_dir: str, seed: int = 0, layers=("mamba", "attention", "mlp", "mamba")) -> str:
+    """A tiny random NemotronH checkpoint written by transformers, over the byte tokenizer's 264 ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, NemotronHConfig
+
+    torch.manual_seed(seed)
+    c = NemotronHConfig(vocab_size=264, hidden_size=64, layers_block_type=list(layers), num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=8,
+                        mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=16,
+                        eos_token_id=258, bos_token_id=257, pad_token_id=256, max_position_embeddings=4096)
+    m = AutoModelForCausalLM.from_config(c).float().eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "A_log" in n:
+                p.copy_(torch.log(torch.rand_like(p) * 15 + 1))
+            elif "dt_bias" in n:
+                p.copy_(torch.randn_like(p) * 0.5 - 2)
+            elif "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)  # discriminating logits: greedy choices are not near-ties
+    m.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "byte_tokenizer.json"), "w") as f:
+        json.dump({"type": "byte"}, f)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return write_tiny_byte_model(str(tmp_path_factory.mktemp("tiny_byte_model")))
