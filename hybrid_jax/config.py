@@ -97,7 +97,6 @@ def _rope(hf: dict, head_dim: int, partial: float) -> tuple[int, float]:
     if rope_type not in ("default", None):
         raise ConfigError(f"rope type {rope_type!r} is not supported (only default RoPE)")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", partial)))
     return int(head_dim * partial), theta
 
 
@@ -138,6 +137,7 @@ def from_hf(hf: dict) -> ModelConfig:
         head_dim = int(hf.get("head_dim") or hf.get("attention_head_dim") or H // heads)
         limit = hf.get("time_step_limit", (0.0, float("inf")))
         n_heads = int(hf.get("mamba_num_heads"))
+        common["tie_word_embeddings"] = False  # NemotronH always has its own lm_head
         return ModelConfig(
             **common, sublayers=_nemotron_sublayers(hf), rms_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
@@ -167,7 +167,7 @@ def from_hf(hf: dict) -> ModelConfig:
     else:
         attn = set(hf.get("attn_layer_indices") or [])
         layer_types = ["attention" if i in attn else "mamba" for i in range(int(hf["num_hidden_layers"]))]
-        rope_dim, theta = _rope(hf, head_dim, 0.5)
+        rope_dim, theta = _rope(hf, head_dim, 0.5)  # Bamba rotates half of each head, whatever config.json says
         intermediate = int(hf["intermediate_size"])
         scalars = {}
         scale = 1.0 / math.sqrt(head_dim)

@@ -147,12 +147,13 @@ class _Request:
     key: tuple | None = None                 # (cache_salt, conversation_id)
     new_messages: list[dict] | None = None   # committed messages of this turn on success
     drop_committed: bool = False             # history disagreed with the ledger: recompute, do not attach
-    raw: bool = False                        # a raw completion turn: commits no assistant message
+    raw_turn: bool = False                   # a raw completion turn: commits no assistant message
     pending: L.Pending | None = None
     attached: int = 0
     num_computed: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
+    text: str = ""                            # streamed so far
+    raw: str = ""                             # decoded so far (may run past a stop string)
     logprobs: list[TokenLogprob] | None = None
     decoder: IncrementalDecoder | None = None
     aborted: bool = False
@@ -293,7 +294,7 @@ class Engine:
             prior = conv.ids if conv is not None else []
             msgs = conv.messages if conv is not None else []
             return self._submit(_Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, new_messages=msgs,
-                                         raw=True))
+                                         raw_turn=True))
         except BaseException:
             self.conversations.finish(key, ok=False)
             raise
@@ -606,23 +607,25 @@ class Engine:
         return (set() if r.sp.ignore_eos else self._eos) | set(r.sp.stop_token_ids)
 
     def _emit(self, r: _Request, t: int, lp: float, top_ids, top_lp):
+        """Account one sampled token: stop checks, streamed text (holding back a possible stop-string start)."""
         r.generated.append(t)
         self._counters["generation_tokens"] += 1
         sp = r.sp
-        stop_tok = (t in self._eos and not sp.ignore_eos) or t in sp.stop_token_ids
-        delta = "" if stop_tok else r.decoder.feed(t)
-        reason = None
-        if stop_tok:
+        stop_tok = t in self._stop_ids(r)
+        r.raw += "" if stop_tok else r.decoder.feed(t)
+        reason, end = None, None
+        cut = _find_stop(r.raw, sp.stop, since=len(r.text))
+        if stop_tok or cut is not None:
             reason = "stop"
-        else:
-            cut = _find_stop(r.text, delta, sp.stop)
-            if cut is not None:
-                delta, reason = delta[:cut], "stop"
-        if reason is None and (len(r.generated) >= sp.max_tokens
-                               or len(r.prompt_ids) + len(r.generated) >= self.max_model_len):
+            end = cut
+        elif len(r.generated) >= sp.max_tokens or len(r.prompt_ids) + len(r.generated) >= self.max_model_len:
             reason = "length"
-        if reason is not None and not (reason == "stop" and not stop_tok):
-            delta += r.decoder.flush()  # complete any held-back partial character
+        if reason is not None and end is None:
+            r.raw += r.decoder.flush()  # complete any held-back partial character
+            end = len(r.raw)
+        elif reason is None:
+            end = len(r.raw) - _stop_prefix_len(r.raw, sp.stop)
+        delta = r.raw[len(r.text):end]
         r.text += delta
         lps = None
         if r.logprobs is not None:
@@ -651,7 +654,7 @@ class Engine:
                 self.ledger = L.commit(self.ledger, r.pending, ok, r.num_computed)
             r.pending = None
         if r.key is not None:
-            if ok and r.raw:
+            if ok and r.raw_turn:
                 self.conversations.finish(r.key, True, list(r.new_messages), list(r.prompt_ids) + r.generated)
             elif ok:
                 # The committed answer is what its token ids decode to, so that rendering the committed
@@ -682,17 +685,25 @@ def _seed(r: _Request) -> int:
     return hash(r.rid) % (2 ** 32)
 
 
-def _find_stop(text: str, delta: str, stops) -> int | None:
-    """Index in delta where the earliest stop string completes its match, cut before it; None if none."""
-    if not stops or not delta:
-        return None
-    full = text + delta
+def _find_stop(raw: str, stops, since: int) -> int | None:
+    """Where the earliest stop string starts in raw[since:] (the text not yet streamed); None if none."""
     best = None
-    for s in stops:
-        i = full.find(s, max(0, len(text) - len(s) + 1))
+    for st in stops:
+        i = raw.find(st, since)
         if i >= 0 and (best is None or i < best):
             best = i
-    return None if best is None else max(best - len(text), 0)
+    return best
+
+
+def _stop_prefix_len(raw: str, stops) -> int:
+    """Length of the longest tail of raw that could still grow into a stop string (held back from the stream)."""
+    best = 0
+    for st in stops:
+        for k in range(min(len(st) - 1, len(raw)), best, -1):
+            if raw.endswith(st[:k]):
+                best = k
+                break
+    return best
 
 
 def _conversation_key(conversation_id, cache_salt):

@@ -144,3 +144,15 @@ def test_32_interleaved_conversations(engines):
         assert [r.token_ids for r in got[c]] == [r.token_ids for r in want], c
         assert got[c][2].cached_tokens == got[c][1].prompt_tokens + got[c][1].completion_tokens - 1
     L.check(e.ledger)
+
+
+def test_stop_strings_are_cut_and_never_streamed(engines):
+    e = engines["exact"]
+    free = e.complete(list(range(30, 60)), max_tokens=24, temperature=0, ignore_eos=True)
+    text = free.text
+    stop = text[5:8]  # a stop string that the greedy continuation will produce
+    h = e.complete_stream(list(range(30, 60)), max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
+    streamed = "".join(d.text for d in h)
+    r = h.result()
+    assert r.finish_reason == "stop"
+    assert streamed == r.text == text[:text.find(stop)]
