@@ -7,6 +7,7 @@ step for requests still consuming their prompt, one decode step for the others, 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -24,6 +25,7 @@ import numpy as np
 
 import hybrid_jax
 from hybrid_jax import ledger as L
+from hybrid_jax import offload
 from hybrid_jax.cache import NULL_SLOT, bytes_per_block, bytes_per_slot, init_cache
 from hybrid_jax.model import SpanBatch, make_steps
 from hybrid_jax.sampling import SamplingBatch, sample
@@ -197,7 +199,8 @@ class Engine:
 
     def __init__(self, cfg, params, tokenizer, *, cache_mode="exact", block_size=16, max_model_len=2048,
                  max_num_seqs=8, num_blocks=None, num_slots=None, kv_memory=None, max_prefill_tokens=256,
-                 max_prefill_rows=4, max_waiting=1024, model_name="default", metrics=None):
+                 max_prefill_rows=4, max_waiting=1024, host_cache_memory="1GiB", model_name="default",
+                 metrics=None):
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
@@ -228,6 +231,10 @@ class Engine:
                                 dtype=dtype)
         self.ledger = L.new_ledger(num_blocks, num_slots, self.block_size)
         self.conversations = ConversationLedger()
+        # Evicted committed turns wait here (LRU, bounded) and come back on their next hit.
+        self.host_cache_bytes = _parse_bytes(host_cache_memory) or 0
+        self._host: collections.OrderedDict = collections.OrderedDict()
+        self._host_bytes = 0
         self._prefill, _, self._decode = make_steps(cfg)
         self._eos = set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self._ids = itertools.count()
@@ -235,7 +242,7 @@ class Engine:
         self._waiting: list[_Request] = []
         self._running: list[_Request] = []
         self._counters = dict(prompt_tokens=0, cached_prompt_tokens=0, generation_tokens=0, hits=0, misses=0,
-                              evictions=0, requests_finished=0)
+                              evictions=0, offloads=0, host_restores=0, requests_finished=0)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -313,7 +320,10 @@ class Engine:
         key = _conversation_key(conversation_id, cache_salt)
         if not self.conversations.delete(key):
             return False
-        self._call(lambda: setattr(self, "ledger", L.evict(self.ledger, key)))
+        def drop():
+            self.ledger = L.evict(self.ledger, key)
+            self._drop_host(key)
+        self._call(drop)
         return True
 
     def stats(self) -> dict:
@@ -321,7 +331,8 @@ class Engine:
         nb, ns = len(led.refcount) - 1, len(led.slots) - 1
         return dict(self._counters, running=len(self._running), waiting=len(self._waiting) + self._inbox.qsize(),
                     kv_blocks_total=nb, kv_blocks_used=nb - led.free_blocks, slots_total=ns,
-                    slots_used=ns - led.free_slots, conversations=len(led.turns))
+                    slots_used=ns - led.free_slots, conversations=len(led.turns),
+                    host_conversations=len(self._host), host_cache_bytes=self._host_bytes)
 
     def save_state(self, directory: str) -> str:
         from serving import persist
@@ -449,9 +460,35 @@ class Engine:
         victim = L.lru_victim(self.ledger, exclude=self._busy_keys() | {keep})
         if victim is None:
             return False
+        if self.host_cache_bytes:
+            host = offload.to_host(self.cache, self.ledger.turns[victim])
+            if host.nbytes <= self.host_cache_bytes:
+                self._host[victim] = host
+                self._host_bytes += host.nbytes
+                self._counters["offloads"] += 1
+                while self._host_bytes > self.host_cache_bytes:  # oldest host copies go first
+                    self._host_bytes -= self._host.popitem(last=False)[1].nbytes
         self.ledger = L.evict(self.ledger, victim)
         self._counters["evictions"] += 1
         return True
+
+    def _drop_host(self, key):
+        host = self._host.pop(key, None)
+        if host is not None:
+            self._host_bytes -= host.nbytes
+        return host
+
+    def _restore_from_host(self, key):
+        """Bring an offloaded committed turn back to the device (a hit without recompute)."""
+        host = self._drop_host(key)
+        if host is None or key in self.ledger.turns:
+            return
+        try:
+            self.ledger, self.cache = self._with_eviction(
+                lambda: offload.from_host(self.ledger, self.cache, key, host), keep=key)
+            self._counters["host_restores"] += 1
+        except (L.OutOfBlocks, L.OutOfSlots):
+            pass  # no room even after eviction: the turn recomputes
 
     def _with_eviction(self, op, keep=None):
         """Run a ledger operation, evicting least recently used committed turns (never `keep`'s) until it fits
@@ -468,8 +505,11 @@ class Engine:
             req = self._waiting[0]
             if req.drop_committed and req.key is not None:
                 self.ledger = L.evict(self.ledger, req.key)
+                self._drop_host(req.key)
             key = req.key if self.cache_mode != "none" else None
             align = self.cache_mode == "align"
+            if key is not None:
+                self._restore_from_host(key)
             try:
                 self.ledger, self.cache, pending = self._with_eviction(
                     lambda: L.attach(self.ledger, self.cache, key, snapshot=align), keep=key)

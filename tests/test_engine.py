@@ -104,19 +104,30 @@ def test_I3_cancelled_turn_leaves_no_trace(engines, abort_at):
     assert nxt.cached_tokens == first[0].prompt_tokens + first[0].completion_tokens - 1
 
 
-def test_I7_tiny_pool_evicts_and_stays_exact(tiny_model_dir, engines):
+@pytest.mark.parametrize("host_cache", [0, "64MiB"])
+def test_I7_tiny_pool_evicts_and_stays_exact(tiny_model_dir, engines, host_cache):
+    """Far too few blocks and slots: evicted turns recompute (no host cache) or come back from host memory."""
     small = Engine.from_pretrained(tiny_model_dir, cache_mode="exact", block_size=16, max_model_len=256,
-                                   max_num_seqs=2, num_blocks=40, num_slots=6, max_prefill_tokens=64)
+                                   max_num_seqs=2, num_blocks=40, num_slots=6, max_prefill_tokens=64,
+                                   host_cache_memory=host_cache)
     try:
         convs = {f"i7-{i}": _random_turns(10 + i, n=3) for i in range(6)}
         got = {c: [] for c in convs}
         for round_ in range(3):  # round robin: each conversation's state is evicted before its next turn
             for c, turns in convs.items():
                 got[c] += _raw_conversation(small, c, [turns[round_]])
-        want = {c: _raw_conversation(engines["none"], c + "-ref", turns) for c, turns in convs.items()}
+        want = {c: _raw_conversation(engines["none"], f"{c}-ref-{host_cache}", turns) for c, turns in convs.items()}
         for c in convs:
             assert [r.token_ids for r in got[c]] == [r.token_ids for r in want[c]]
-        assert small.stats()["evictions"] > 0
+        stats = small.stats()
+        assert stats["evictions"] > 0
+        if host_cache:  # every turn after the first hits, through host memory
+            assert stats["host_restores"] > 0
+            for c in convs:
+                for prev, r in zip(got[c], got[c][1:]):
+                    assert r.cached_tokens == prev.prompt_tokens + prev.completion_tokens - 1
+        else:
+            assert stats["host_restores"] == 0
         L.check(small.ledger)
     finally:
         small.shutdown()
@@ -156,3 +167,21 @@ def test_stop_strings_are_cut_and_never_streamed(engines):
     r = h.result()
     assert r.finish_reason == "stop"
     assert streamed == r.text == text[:text.find(stop)]
+
+
+def test_no_recompilation_in_steady_state(engines):
+    """A steady multi-turn workload compiles nothing once each bucket has been seen."""
+    import jax
+
+    e = engines["exact"]
+
+    def workload(tag):
+        for i in range(3):
+            _raw_conversation(e, f"steady-{tag}-{i}", _random_turns(200 + i, n=4))
+
+    workload("warm")
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
+    workload("timed")
+    assert compiles == [], f"recompiled after warm-up: {compiles}"

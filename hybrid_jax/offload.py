@@ -1,0 +1,76 @@
+"""Moving an evicted committed turn to host memory and back (I7 without recompute when host memory allows).
+
+Index vectors are padded to power-of-two lengths (padding points at the scratch block / slot 0), so the number of
+compiled gather/scatter shapes stays logarithmic in the history length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax import ledger as L
+from hybrid_jax.cache import NULL_BLOCK, Cache, MambaState, PagedKV
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTurn:
+    length: int
+    k: np.ndarray     # [attn_layers, n_blocks, block_size, kv_heads, head_dim]
+    v: np.ndarray
+    conv: np.ndarray  # [mamba_layers, conv_dim, d_conv - 1]
+    ssm: np.ndarray   # [mamba_layers, heads, head_dim, d_state]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.conv.nbytes + self.ssm.nbytes
+
+
+def _padded(ids, fill=NULL_BLOCK) -> jax.Array:
+    n = 1
+    while n < len(ids):
+        n *= 2
+    return jnp.asarray(list(ids) + [fill] * (n - len(ids)), jnp.int32)
+
+
+@jax.jit
+def _gather(cache: Cache, blocks, slot):
+    return cache.kv.k[:, blocks], cache.kv.v[:, blocks], cache.mamba.conv[:, slot], cache.mamba.ssm[:, slot]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(cache: Cache, blocks, slot, k, v, conv, ssm):
+    return Cache(kv=PagedKV(k=cache.kv.k.at[:, blocks].set(k), v=cache.kv.v.at[:, blocks].set(v)),
+                 mamba=MambaState(conv=cache.mamba.conv.at[:, slot].set(conv),
+                                  ssm=cache.mamba.ssm.at[:, slot].set(ssm)))
+
+
+def to_host(cache: Cache, turn: L.Turn) -> HostTurn:
+    """Copy a committed turn's blocks and state slot to host memory (the ledger is not changed)."""
+    n = len(turn.blocks)
+    k, v, conv, ssm = jax.device_get(_gather(cache, _padded(turn.blocks), turn.slot))
+    return HostTurn(turn.length, np.asarray(k[:, :n]), np.asarray(v[:, :n]), np.asarray(conv), np.asarray(ssm))
+
+
+def from_host(ledger: L.Ledger, cache: Cache, key, host: HostTurn):
+    """Install a host turn as the committed turn of key in fresh blocks and a fresh slot.
+
+    Returns (ledger, cache); raises OutOfBlocks/OutOfSlots with nothing changed.
+    """
+    rc, slots = ledger.refcount.copy(), ledger.slots.copy()
+    n = host.k.shape[1]
+    blocks = L._alloc_blocks(rc, n)
+    slot = L._alloc_slot(slots)
+    slots[slot] = L.SLOT_COMMITTED
+    idx = _padded(blocks)
+    pad = idx.shape[0] - n
+    # Padding rows write zeros into the scratch block, which holds nothing of value.
+    k = np.pad(host.k, [(0, 0), (0, pad)] + [(0, 0)] * 3)
+    v = np.pad(host.v, [(0, 0), (0, pad)] + [(0, 0)] * 3)
+    cache = _scatter(cache, idx, slot, k, v, host.conv, host.ssm)
+    turns = dict(ledger.turns)
+    turns[key] = L.Turn(host.length, tuple(blocks), slot, ledger.clock + 1)
+    return ledger._with(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1), cache
