@@ -1,0 +1,54 @@
+"""OpenAI wire objects built from engine results, shared by the server (`serving.app`) and the offline batch
+(`serving.batch`), so both answer with the same bodies.
+
+* `chat_completion(result, ...)`: the non-streamed `chat.completion` object of a `ChatResult`;
+* `usage(result)`: its `usage` block (with `prompt_tokens_details.cached_tokens`);
+* `error_body(...)`: OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+
+Only plain dicts, no web framework: importing this module is cheap.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+__all__ = ["ERROR_TYPES", "chat_completion", "completion_id", "error_body", "error_type", "usage"]
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, message: str, *, type: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error body, as the server answers it with HTTP status `status`."""
+    return {"error": {"message": message, "type": type or error_type(status), "param": param, "code": code}}
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def usage(result) -> dict:
+    """The usage block of a ChatResult (prompt, completion, total and cached prompt tokens)."""
+    p, c = int(result.prompt_tokens), int(result.completion_tokens)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": int(result.cached_tokens)}}
+
+
+def chat_completion(result, *, model: str, request_id: str | None = None, created: int | None = None,
+                    logprobs: dict | None = None) -> dict[str, Any]:
+    """The `chat.completion` object for a finished ChatResult (one choice).
+
+    `logprobs` is the already formatted choice logprobs (`{"content": [...]}`) or None when not requested.
+    """
+    return {"id": request_id or completion_id(), "object": "chat.completion",
+            "created": int(time.time()) if created is None else int(created), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "logprobs": logprobs, "finish_reason": result.finish_reason}],
+            "usage": usage(result)}
