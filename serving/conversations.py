@@ -1,8 +1,8 @@
 """Step 2, the frontend conversation ledger: leases and the committed messages and token ids per conversation.
 
 The key is (cache_salt, conversation_id), so another salt never finds the conversation (I5). A lease allows one
-turn in flight per key (I6). `ids` are all tokens of the committed turns: what the model consumed plus the last
-sampled token, which the next turn feeds first.
+turn in flight per key (I6). `ids` are the tokens of the committed turns: what the model consumed, plus the last
+sampled token when it was not a stop token (the next turn feeds it first).
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from serving.errors import ConversationBusy
 
 @dataclasses.dataclass
 class Conversation:
-    messages: list[dict]
+    messages: list[dict]      # as rendered into `ids` (answers exactly as their token ids decode)
     ids: list[int]
     turns: int = 0
     last_used: float = dataclasses.field(default_factory=time.time)
     busy: bool = False
+    seen: list[dict] | None = None  # the same messages as the client received them (stop strings cut,
+                                    # special tokens hidden): a resent history matches either form
 
 
 class ConversationLedger:
@@ -40,9 +42,11 @@ class ConversationLedger:
             conv.busy = True
             if conv.turns == 0:
                 return None
-            return Conversation(list(conv.messages), list(conv.ids), conv.turns, conv.last_used)
+            return Conversation(list(conv.messages), list(conv.ids), conv.turns, conv.last_used,
+                                seen=list(conv.seen or conv.messages))
 
-    def finish(self, key, ok: bool, messages: list[dict] | None = None, ids: list[int] | None = None) -> None:
+    def finish(self, key, ok: bool, messages: list[dict] | None = None, ids: list[int] | None = None,
+               seen: list[dict] | None = None) -> None:
         """Release the lease; on success the turn's messages and ids become the committed ones."""
         with self._lock:
             conv = self._convs.get(key)
@@ -50,7 +54,7 @@ class ConversationLedger:
                 return
             conv.busy = False
             if ok:
-                conv.messages, conv.ids = messages, ids
+                conv.messages, conv.ids, conv.seen = messages, ids, seen
                 conv.turns += 1
                 conv.last_used = time.time()
             elif conv.turns == 0:

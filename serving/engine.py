@@ -148,6 +148,7 @@ class _Request:
     sp: SamplingParams
     key: tuple | None = None                 # (cache_salt, conversation_id)
     new_messages: list[dict] | None = None   # committed messages of this turn on success
+    new_seen: list[dict] | None = None       # the same, as the client saw them
     drop_committed: bool = False             # history disagreed with the ledger: recompute, do not attach
     raw_turn: bool = False                   # a raw completion turn: commits no assistant message
     pending: L.Pending | None = None
@@ -359,7 +360,7 @@ class Engine:
             ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         else:
             k = len(conv.messages)
-            if msgs[:k] == conv.messages:          # the client resent the whole history
+            if msgs[:k] == conv.messages or msgs[:k] == conv.seen:  # the client resent the whole history
                 new_msgs = msgs[k:]
             elif msgs[0] == conv.messages[0] and len(msgs) > 1:
                 new_msgs = None                    # an edited or truncated history: a miss
@@ -377,8 +378,9 @@ class Engine:
             else:
                 all_msgs = conv.messages + new_msgs
                 ids = list(conv.ids) + list(cont)
+        seen = None if conv is None or drop else (conv.seen or conv.messages) + (new_msgs or [])
         return _Request(self._rid("chatcmpl"), list(ids), sp, key=key, new_messages=list(all_msgs),
-                        drop_committed=drop)
+                        new_seen=seen, drop_committed=drop)
 
     def _submit(self, req: _Request) -> RequestHandle:
         n = len(req.prompt_ids)
@@ -698,11 +700,14 @@ class Engine:
                 self.conversations.finish(r.key, True, list(r.new_messages), list(r.prompt_ids) + r.generated)
             elif ok:
                 # The committed answer is what its token ids decode to, so that rendering the committed
-                # messages reproduces the committed ids (r.text may be cut at a stop string).
+                # messages reproduces the committed ids (r.text may be cut at a stop string). A final stop
+                # token was never fed to the model: the template's own closing of the message replaces it in
+                # the next turn, exactly as a full re-render would.
                 body = r.generated[:-1] if r.generated and r.generated[-1] in self._stop_ids(r) else r.generated
                 answer = self.tokenizer.decode(body, skip_special_tokens=False)
                 msgs = list(r.new_messages) + [{"role": "assistant", "content": answer}]
-                self.conversations.finish(r.key, True, msgs, list(r.prompt_ids) + list(r.generated))
+                seen = list(r.new_seen or r.new_messages) + [{"role": "assistant", "content": r.text}]
+                self.conversations.finish(r.key, True, msgs, list(r.prompt_ids) + list(body), seen)
             else:
                 self.conversations.finish(r.key, False)
         self._counters["requests_finished"] += 1

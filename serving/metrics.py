@@ -42,7 +42,9 @@ _GAUGES = (
     ("kv_blocks_total", "kv_blocks_total", "KV cache blocks in the pool."),
     ("slots_used", "mamba_slots_used", "Mamba state slots in use (in-flight and committed conversations)."),
     ("slots_total", "mamba_slots_total", "Mamba state slots in the pool."),
-    ("conversations", "conversations_committed", "Conversations with a committed state in the cache."),
+    ("conversations", "conversations_committed", "Conversations with a committed state in the device cache."),
+    ("host_conversations", "host_conversations", "Evicted conversations waiting in host memory."),
+    ("host_cache_bytes", "host_cache_bytes", "Bytes of conversation state held in host memory."),
 )
 # Counters: monotonic totals kept by the engine (exposed with the `_total` suffix).
 _COUNTERS = (
@@ -52,6 +54,8 @@ _COUNTERS = (
     ("hits", "conversation_hits", "Conversation turns that reused a committed state."),
     ("misses", "conversation_misses", "Conversation turns that found no committed state."),
     ("evictions", "conversation_evictions", "Committed conversation states evicted to make room."),
+    ("offloads", "conversation_offloads", "Evicted conversation states moved to host memory."),
+    ("host_restores", "conversation_host_restores", "Conversation states brought back from host memory."),
     ("requests_finished", "requests_finished", "Requests finished by the engine (any reason)."),
 )
 

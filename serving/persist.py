@@ -47,7 +47,8 @@ def save(engine, directory: str) -> str:
     convs = []
     for key, conv in engine.conversations.items():
         t = turns.get(key)
-        convs.append({"salt": key[0], "id": key[1], "messages": conv.messages, "ids": conv.ids, "turns": conv.turns,
+        convs.append({"salt": key[0], "id": key[1], "messages": conv.messages, "seen": conv.seen, "ids": conv.ids,
+                      "turns": conv.turns,
                       "last_used": conv.last_used,
                       "turn": None if t is None else {"length": t.length, "blocks": [bpos[b] for b in t.blocks],
                                                       "slot": slots.index(t.slot)}})
@@ -130,7 +131,7 @@ def _install(engine, meta: dict, arrays) -> None:
     for conv in meta["conversations"]:
         key = (conv["salt"], conv["id"])
         engine.conversations.restore(key, Conversation(conv["messages"], conv["ids"], conv["turns"],
-                                                       conv["last_used"]))
+                                                       conv["last_used"], seen=conv.get("seen")))
         t = conv["turn"]
         if t is not None:
             turns[key] = L.Turn(t["length"], tuple(new_blocks[i] for i in t["blocks"]), new_slots[t["slot"]], 0)

@@ -1,0 +1,164 @@
+"""`python -m serving`: the OpenAI-compatible server (see serving/app.py and docs/engine_api.md).
+
+    python -m serving                                  # the embedded default model on 127.0.0.1:8000
+    python -m serving --model PATH --port 8001 --cache-mode exact --cache-dir /var/cache/hybrid
+
+With --cache-dir the committed conversations survive restarts: a graceful shutdown (SIGTERM or SIGINT) saves
+them there after the in-flight requests finish (or are aborted after --graceful-timeout seconds), and the next
+start restores them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+
+def _memory(v: str) -> str | int:
+    v = v.strip()
+    return int(v) if v.isdigit() else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="OpenAI-compatible server for hybrid Transformer+Mamba2 models with an exact "
+                    "per-conversation cache.")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint directory (config.json, safetensors, tokenizer); default: the embedded "
+                        "tiny default model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    p.add_argument("--cache-mode", choices=("exact", "align", "none"), default="exact",
+                   help="exact: reuse the exact committed state of each conversation; align: reuse only up to "
+                        "the last full block (what block-aligned engines do); none: recompute every turn "
+                        "(default: exact)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (engine default: 16)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="maximum tokens per sequence, prompt plus generation (engine default: 2048)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="maximum requests running at once (engine default: 8)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="number of KV blocks (default: derived from --kv-memory or from the lengths)")
+    p.add_argument("--kv-memory", type=_memory, default=None,
+                   help="memory for KV blocks plus Mamba state slots, e.g. 512MiB, 2GiB or bytes")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="chunked-prefill tokens per step (engine default: 256)")
+    p.add_argument("--host-cache-memory", type=_memory, default=None,
+                   help="host memory for evicted conversations, e.g. 1GiB (0: off; engine default: 1GiB)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="parameter and cache dtype; the Mamba SSM state stays float32 (default: float32)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name reported by /v1/models and in responses (default: the model's name)")
+    p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $HYBRID_SERVE_API_KEY; none "
+                        "if unset)")
+    p.add_argument("--cache-dir", default=None,
+                   help="durable committed-conversation state: restored on start if present, saved on "
+                        "graceful shutdown (SIGTERM/SIGINT)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest accepted request body in bytes (413 above; default 4 MiB)")
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="seconds to let in-flight requests finish on shutdown before aborting them (default: 10)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="log level of the server and the engine (default: info)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log = logging.getLogger("serving")
+
+    import uvicorn
+
+    from serving import Engine
+    from serving.app import DEFAULT_MAX_REQUEST_BYTES, create_app
+    from serving.metrics import Metrics
+
+    engine_kw = {k: v for k, v in dict(
+        cache_mode=args.cache_mode, block_size=args.block_size, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks, kv_memory=args.kv_memory,
+        max_prefill_tokens=args.max_prefill_tokens, host_cache_memory=args.host_cache_memory,
+        dtype=args.dtype, served_model_name=args.served_model_name).items() if v is not None}
+    metrics = Metrics()
+    t0 = time.perf_counter()
+    log.info("loading %s (%s)", args.model or "the embedded default model",
+             ", ".join(f"{k}={v}" for k, v in engine_kw.items()))
+    engine = Engine.from_pretrained(args.model, metrics=metrics, **engine_kw)
+    metrics.bind_engine(engine)
+    log.info("engine ready in %.1fs", time.perf_counter() - t0)
+
+    if args.cache_dir:
+        if os.path.isdir(args.cache_dir) and os.listdir(args.cache_dir):
+            try:
+                restored = engine.load_state(args.cache_dir)
+                log.info("cache state %s from %s", "restored" if restored else "not restored (none usable)",
+                         args.cache_dir)
+            except Exception:
+                log.exception("could not restore the cache state from %s; starting empty", args.cache_dir)
+        else:
+            os.makedirs(args.cache_dir, exist_ok=True)
+
+    app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
+                     max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics)
+    name = args.served_model_name or engine.model_name
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.should_exit:
+                return
+            port = args.port
+            for srv in getattr(self, "servers", []):
+                for sock in getattr(srv, "sockets", None) or []:
+                    port = sock.getsockname()[1]
+                    break
+            print(f"Serving {name} on http://{args.host}:{port}", flush=True)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                log.info("received %s: shutting down%s", signal.Signals(sig).name,
+                         " (the cache state will be saved)" if args.cache_dir else "")
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout, access_log=level <= logging.DEBUG,
+                            lifespan="off")
+    server = Server(config)
+
+    # uvicorn captures SIGTERM/SIGINT while serving and re-raises them, with the handlers it found, once it
+    # has shut down; these handlers make that re-raise just a note, so the state is saved below before exit.
+    received: list[int] = []
+
+    def _note(sig, frame):
+        received.append(sig)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, _note)
+
+    rc = 0
+    try:
+        server.run()
+        if not server.started:
+            rc = 1
+    finally:
+        # Late signals during the save are noted, not fatal: a half-written state is never published anyway.
+        if args.cache_dir and server.started:
+            t = time.perf_counter()
+            try:
+                engine.save_state(args.cache_dir)
+                log.info("cache state saved to %s in %.2fs", args.cache_dir, time.perf_counter() - t)
+            except Exception:
+                log.exception("could not save the cache state to %s", args.cache_dir)
+                rc = 1
+        engine.shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
