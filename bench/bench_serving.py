@@ -101,7 +101,7 @@ def bench_decode(model_dir, args) -> list[dict]:
                 rng = np.random.RandomState(B)
                 hs = [eng.complete_stream(rng.randint(0, V, ctx).tolist(), max_tokens=steps, temperature=0,
                                           ignore_eos=True) for _ in range(B)]
-                firsts, t_first = [], []
+                firsts = []
                 for h in hs:  # wait until every request is decoding
                     it = iter(h)
                     next(it)

@@ -53,7 +53,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from serving import openai_format
+from serving import openai_format, protocol
 
 log = logging.getLogger("serving.batch")
 
@@ -188,18 +188,11 @@ def read_done(path: str) -> tuple[dict, set]:
 # The server's request model and error mapping
 # --------------------------------------------------------------------------------------------------
 
-def _server_parts():
-    """The request model and error helpers of the HTTP server, so that a batch line is validated and answered
-    exactly as POST /v1/chat/completions would be."""
-    from serving import app as server
-    return server
-
-
-def _validation_error(server, exc) -> dict:
+def _validation_error(exc) -> dict:
     """The server's 400 for a pydantic validation error (mirrors its RequestValidationError handler)."""
     errors = exc.errors()
     first = errors[0] if errors else {}
-    param = server._loc_to_param(tuple(first.get("loc", ())))
+    param = protocol.loc_to_param(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid request")
     if first.get("type") == "missing":
         msg = f"missing required field: {param}"
@@ -257,8 +250,7 @@ class BatchRunner:
         self.concurrency = max(1, int(concurrency))
         self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"
         self.accepted_models = {self.model_name, getattr(engine, "model_name", self.model_name)}
-        self.server = _server_parts()
-        self.lp_fmt = self.server._LogprobFormatter(engine.tokenizer)
+        self.lp_fmt = protocol.LogprobFormatter(engine.tokenizer)
         self.progress_enabled = progress
         self.write_lock = threading.Lock()
         self.stop = threading.Event()
@@ -288,16 +280,16 @@ class BatchRunner:
                              status=status, type=type, param=param)
 
     def _from_exception(self, item: _Line, exc: BaseException) -> dict:
-        e = self.server._as_api_error(exc)
+        e = protocol.as_api_error(exc)
         return self._api_error(item, status=e.status, message=e.message, type=e.type, param=e.param, code=e.code)
 
     def _validate(self, body: dict):
         """(request model, None) or (None, error kwargs)."""
         from pydantic import ValidationError
         try:
-            return self.server.ChatCompletionRequest.model_validate(body), None
+            return protocol.ChatCompletionRequest.model_validate(body), None
         except ValidationError as e:
-            return None, _validation_error(self.server, e)
+            return None, _validation_error(e)
 
     def _submit(self, fn, *args, **kw):
         from serving.errors import Overloaded

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import queue
@@ -26,11 +25,11 @@ import numpy as np
 import hybrid_jax
 from hybrid_jax import ledger as L
 from hybrid_jax import offload
-from hybrid_jax.cache import NULL_SLOT, bytes_per_block, bytes_per_slot, init_cache
+from hybrid_jax.cache import bytes_per_block, bytes_per_slot, init_cache
 from hybrid_jax.model import SpanBatch, make_steps
 from hybrid_jax.sampling import SamplingBatch, sample
 from serving.conversations import Conversation, ConversationLedger
-from serving.errors import BadRequest, ConversationBusy, EngineError, NotFound, Overloaded, PromptTooLong
+from serving.errors import BadRequest, Overloaded, PromptTooLong
 from serving.tokenizer import IncrementalDecoder, load_tokenizer, render_continuation
 
 log = logging.getLogger("serving.engine")
