@@ -1,0 +1,155 @@
+"""Write params back to a Hugging Face checkpoint directory: the inverse of `hybrid_jax.loader`.
+
+`save_pretrained(params, cfg_dict, out_dir)` writes `config.json` and `model.safetensors` under the tensor names
+and torch layouts the loader reads (and the released checkpoints use):
+
+* nemotron_h: `backbone.embeddings`, `backbone.layers.N.{norm, mixer.*}`, `backbone.norm_f`, `lm_head`;
+* granitemoehybrid: `model.embed_tokens`, `model.layers.J.{input_layernorm, mamba.*|self_attn.*,
+  post_attention_layernorm, shared_mlp.input_linear ([gate; up] fused), shared_mlp.output_linear}`, `model.norm`;
+* bamba: `model.embed_tokens`, `model.layers.J.{input_layernorm, mamba.*|self_attn.*, pre_ff_layernorm,
+  feed_forward.*}`, `model.final_layernorm`.
+
+Projections go from our [in, out] back to torch Linear [out, in]; the depthwise conv goes from [C, W] back to
+[C, 1, W]. Mamba `A_log`, `D` and `dt_bias` are always written in float32 (the loader keeps them float32).
+`load_pretrained(out_dir)` then gives back exactly the same params (bit-exact for float32; for bfloat16 the
+loader's float32 upcast of the bf16 values).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from hybrid_jax.config import ModelConfig, from_hf
+
+__all__ = ["save_pretrained", "to_hf_tensors"]
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+            "half": "float16", "float": "float32"}
+_F32_ALWAYS = ("A_log", "D", "dt_bias")
+
+
+def _mamba_theirs(pre: str) -> dict[str, str]:
+    return {"in_proj": pre + "in_proj.weight", "in_proj_b": pre + "in_proj.bias", "conv_w": pre + "conv1d.weight",
+            "conv_b": pre + "conv1d.bias", "dt_bias": pre + "dt_bias", "A_log": pre + "A_log", "D": pre + "D",
+            "norm_w": pre + "norm.weight", "out_proj": pre + "out_proj.weight", "out_proj_b": pre + "out_proj.bias"}
+
+
+def _attn_theirs(pre: str) -> dict[str, str]:
+    out = {}
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+        out[ours] = f"{pre}{theirs}.weight"
+        out[ours + "_b"] = f"{pre}{theirs}.bias"
+    return out
+
+
+def _to_theirs(name: str, a: np.ndarray) -> np.ndarray:
+    """Our layout -> torch layout (inverse of loader._to_ours)."""
+    if name == "conv_w":
+        return a.reshape(a.shape[0], 1, a.shape[1])  # [C, W] -> torch [C, 1, W]
+    if a.ndim == 2:
+        return np.ascontiguousarray(a.T)  # [in, out] -> torch Linear [out, in]
+    return a
+
+
+def _layer_names(cfg: ModelConfig) -> list[dict[str, str]]:
+    """For each of our sublayers: our param name -> checkpoint tensor name ("gate_up" handled by the caller)."""
+    out: list[dict[str, str]] = []
+    if cfg.family == "nemotron_h":
+        for i, kind in enumerate(cfg.sublayers):
+            lp = f"backbone.layers.{i}."
+            names = {"norm": lp + "norm.weight"}
+            if kind == "mamba":
+                names |= _mamba_theirs(lp + "mixer.")
+            elif kind == "attention":
+                names |= _attn_theirs(lp + "mixer.")
+            else:
+                names |= {"up": lp + "mixer.up_proj.weight", "down": lp + "mixer.down_proj.weight",
+                          "up_b": lp + "mixer.up_proj.bias", "down_b": lp + "mixer.down_proj.bias"}
+            out.append(names)
+        return out
+    for j in range(len(cfg.sublayers) // 2):
+        lp = f"model.layers.{j}."
+        kind = cfg.sublayers[2 * j]
+        mixer = {"norm": lp + "input_layernorm.weight"}
+        mixer |= _mamba_theirs(lp + "mamba.") if kind == "mamba" else _attn_theirs(lp + "self_attn.")
+        if cfg.family == "granitemoehybrid":
+            mlp = {"norm": lp + "post_attention_layernorm.weight", "gate_up": lp + "shared_mlp.input_linear.weight",
+                   "down": lp + "shared_mlp.output_linear.weight"}
+        else:
+            mlp = {"norm": lp + "pre_ff_layernorm.weight", "gate": lp + "feed_forward.gate_proj.weight",
+                   "up": lp + "feed_forward.up_proj.weight", "down": lp + "feed_forward.down_proj.weight",
+                   "gate_b": lp + "feed_forward.gate_proj.bias", "up_b": lp + "feed_forward.up_proj.bias",
+                   "down_b": lp + "feed_forward.down_proj.bias"}
+        out += [mixer, mlp]
+    return out
+
+
+def _canon(dtype: str) -> str:
+    d = _ALIASES.get(str(dtype), str(dtype))
+    if d not in _NP_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(_NP_DTYPES)}")
+    return d
+
+
+def to_hf_tensors(params: dict, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Checkpoint tensor name -> numpy array in torch layout, cast to dtype (Mamba A_log/D/dt_bias stay f32)."""
+    np_dtype = _NP_DTYPES[_canon(dtype)]
+
+    def cast(name: str, a) -> np.ndarray:
+        a = np.asarray(a)
+        want = np.float32 if name in _F32_ALWAYS else np_dtype
+        if a.dtype != np.float32 and a.dtype != want:
+            a = a.astype(np.float32)
+        return np.ascontiguousarray(a.astype(want))
+
+    layers = params["layers"]
+    if len(layers) != len(cfg.sublayers):
+        raise ValueError(f"params hold {len(layers)} sublayers, the config {len(cfg.sublayers)}")
+    out: dict[str, np.ndarray] = {}
+    for li, (p, names) in enumerate(zip(layers, _layer_names(cfg))):
+        if "gate_up" in names:  # Granite fuses [gate; up] along the output dim (torch [2I, D])
+            gate, up = _to_theirs("gate", np.asarray(p["gate"])), _to_theirs("up", np.asarray(p["up"]))
+            out[names["gate_up"]] = cast("gate_up", np.concatenate([gate, up], axis=0))
+        known = set(names) - {"gate_up"} | ({"gate", "up"} if "gate_up" in names else set())
+        extra = set(p) - known
+        if extra:
+            raise ValueError(f"sublayer {li} ({cfg.sublayers[li]}) has params {sorted(extra)} with no checkpoint name")
+        for ours, theirs in names.items():
+            if ours == "gate_up" or ours not in p:
+                continue
+            out[theirs] = cast(ours, _to_theirs(ours, np.asarray(p[ours])))
+    if cfg.family == "nemotron_h":
+        embed, final = "backbone.embeddings.weight", "backbone.norm_f.weight"
+    else:
+        embed = "model.embed_tokens.weight"
+        final = "model.norm.weight" if cfg.family == "granitemoehybrid" else "model.final_layernorm.weight"
+    out[embed] = cast("embed", params["embed"])  # [V, D] in both layouts
+    out[final] = cast("final_norm", params["final_norm"])
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = cast("lm_head", params["lm_head"])  # [V, D] in both layouts
+    return out
+
+
+def save_pretrained(params: dict, cfg_dict: dict, out_dir: str, dtype: str = "float32") -> str:
+    """Write `config.json` (cfg_dict with torch_dtype set to dtype) and `model.safetensors` to out_dir.
+
+    params is the pytree `load_pretrained` returns for cfg_dict (projections [in, out]). Returns out_dir.
+    """
+    dtype = _canon(dtype)
+    cfg = from_hf(cfg_dict)
+    tensors = to_hf_tensors(params, cfg, dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    hf = dict(cfg_dict)
+    hf["torch_dtype"] = dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+        f.write("\n")
+    # Sorted names give byte-identical files for identical params.
+    save_file({k: tensors[k] for k in sorted(tensors)}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    return out_dir
