@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from hybrid_jax.config import ModelConfig, from_hf
+from hybrid_jax.loader import sublayer_sources, top_level_names
 
 __all__ = ["save_pretrained", "to_hf_tensors"]
 
@@ -31,20 +32,6 @@ _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": 
 _ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
             "half": "float16", "float": "float32"}
 _F32_ALWAYS = ("A_log", "D", "dt_bias")
-
-
-def _mamba_theirs(pre: str) -> dict[str, str]:
-    return {"in_proj": pre + "in_proj.weight", "in_proj_b": pre + "in_proj.bias", "conv_w": pre + "conv1d.weight",
-            "conv_b": pre + "conv1d.bias", "dt_bias": pre + "dt_bias", "A_log": pre + "A_log", "D": pre + "D",
-            "norm_w": pre + "norm.weight", "out_proj": pre + "out_proj.weight", "out_proj_b": pre + "out_proj.bias"}
-
-
-def _attn_theirs(pre: str) -> dict[str, str]:
-    out = {}
-    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-        out[ours] = f"{pre}{theirs}.weight"
-        out[ours + "_b"] = f"{pre}{theirs}.bias"
-    return out
 
 
 def _to_theirs(name: str, a: np.ndarray) -> np.ndarray:
@@ -57,36 +44,9 @@ def _to_theirs(name: str, a: np.ndarray) -> np.ndarray:
 
 
 def _layer_names(cfg: ModelConfig) -> list[dict[str, str]]:
-    """For each of our sublayers: our param name -> checkpoint tensor name ("gate_up" handled by the caller)."""
-    out: list[dict[str, str]] = []
-    if cfg.family == "nemotron_h":
-        for i, kind in enumerate(cfg.sublayers):
-            lp = f"backbone.layers.{i}."
-            names = {"norm": lp + "norm.weight"}
-            if kind == "mamba":
-                names |= _mamba_theirs(lp + "mixer.")
-            elif kind == "attention":
-                names |= _attn_theirs(lp + "mixer.")
-            else:
-                names |= {"up": lp + "mixer.up_proj.weight", "down": lp + "mixer.down_proj.weight",
-                          "up_b": lp + "mixer.up_proj.bias", "down_b": lp + "mixer.down_proj.bias"}
-            out.append(names)
-        return out
-    for j in range(len(cfg.sublayers) // 2):
-        lp = f"model.layers.{j}."
-        kind = cfg.sublayers[2 * j]
-        mixer = {"norm": lp + "input_layernorm.weight"}
-        mixer |= _mamba_theirs(lp + "mamba.") if kind == "mamba" else _attn_theirs(lp + "self_attn.")
-        if cfg.family == "granitemoehybrid":
-            mlp = {"norm": lp + "post_attention_layernorm.weight", "gate_up": lp + "shared_mlp.input_linear.weight",
-                   "down": lp + "shared_mlp.output_linear.weight"}
-        else:
-            mlp = {"norm": lp + "pre_ff_layernorm.weight", "gate": lp + "feed_forward.gate_proj.weight",
-                   "up": lp + "feed_forward.up_proj.weight", "down": lp + "feed_forward.down_proj.weight",
-                   "gate_b": lp + "feed_forward.gate_proj.bias", "up_b": lp + "feed_forward.up_proj.bias",
-                   "down_b": lp + "feed_forward.down_proj.bias"}
-        out += [mixer, mlp]
-    return out
+    """For each of our sublayers: our param name -> checkpoint tensor name (the loader's mapping, inverted by
+    the caller; "gate_up" is Granite's fused MLP input)."""
+    return sublayer_sources(cfg, top_level_names(cfg)[0].split(".")[0] + ".")
 
 
 def _canon(dtype: str) -> str:
@@ -123,11 +83,7 @@ def to_hf_tensors(params: dict, cfg: ModelConfig, dtype: str = "float32") -> dic
             if ours == "gate_up" or ours not in p:
                 continue
             out[theirs] = cast(ours, _to_theirs(ours, np.asarray(p[ours])))
-    if cfg.family == "nemotron_h":
-        embed, final = "backbone.embeddings.weight", "backbone.norm_f.weight"
-    else:
-        embed = "model.embed_tokens.weight"
-        final = "model.norm.weight" if cfg.family == "granitemoehybrid" else "model.final_layernorm.weight"
+    embed, final = top_level_names(cfg)
     out[embed] = cast("embed", params["embed"])  # [V, D] in both layouts
     out[final] = cast("final_norm", params["final_norm"])
     if not cfg.tie_word_embeddings:

@@ -64,6 +64,16 @@ class _Weights:
         return self._open[fn].get_tensor(name)
 
 
+FINAL_NORM = {"nemotron_h": "norm_f.weight", "granitemoehybrid": "norm.weight", "bamba": "final_layernorm.weight"}
+
+
+def top_level_names(cfg: ModelConfig) -> tuple[str, str]:
+    """(embedding, final norm) tensor names as real checkpoints of cfg's family write them."""
+    if cfg.family == "nemotron_h":
+        return "backbone.embeddings.weight", "backbone." + FINAL_NORM[cfg.family]
+    return "model.embed_tokens.weight", "model." + FINAL_NORM[cfg.family]
+
+
 def _prefix(weights: _Weights, cfg: ModelConfig) -> str:
     if cfg.family == "nemotron_h":
         for p in ("backbone.", "model."):
@@ -108,7 +118,7 @@ def expected_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
 _OPTIONAL = {"in_proj_b", "out_proj_b", "conv_b", "q_b", "k_b", "v_b", "o_b", "up_b", "down_b", "gate_b"}
 
 
-def _sublayer_sources(cfg: ModelConfig, pre: str) -> list[dict[str, str | Callable]]:
+def sublayer_sources(cfg: ModelConfig, pre: str) -> list[dict[str, str | Callable]]:
     """For each sublayer: our name -> checkpoint tensor name (or a callable producing the tensor)."""
     out = []
     if cfg.family == "nemotron_h":
@@ -163,7 +173,7 @@ def load_params(path: str, cfg: ModelConfig, dtype=jnp.float32) -> dict:
         return jnp.asarray(a.astype(np.float32) if a.dtype != np.float32 else a, dtype=dt)
 
     layers = []
-    for kind, names in zip(cfg.sublayers, _sublayer_sources(cfg, pre)):
+    for kind, names in zip(cfg.sublayers, sublayer_sources(cfg, pre)):
         shapes = expected_shapes(cfg, kind)
         p = {}
         for ours, theirs in names.items():
@@ -182,10 +192,9 @@ def load_params(path: str, cfg: ModelConfig, dtype=jnp.float32) -> dict:
         layers.append(p)
     V, D = cfg.vocab_size, cfg.hidden_size
     embed_name = pre + ("embeddings.weight" if pre + "embeddings.weight" in keys else "embed_tokens.weight")
-    final = {"nemotron_h": "norm_f.weight", "granitemoehybrid": "norm.weight", "bamba": "final_layernorm.weight"}
+    final = pre + FINAL_NORM[cfg.family]
     params = {"embed": put(w.get(embed_name), "embed", (V, D), embed_name),
-              "final_norm": put(w.get(pre + final[cfg.family]), "final_norm", (D,), pre + final[cfg.family]),
-              "layers": layers}
+              "final_norm": put(w.get(final), "final_norm", (D,), final), "layers": layers}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = put(w.get("lm_head.weight"), "lm_head", (V, D), "lm_head.weight")
     return params
@@ -200,4 +209,5 @@ def load_pretrained(path: str, dtype: str = "float32") -> tuple[ModelConfig, dic
     return cfg, load_params(path, cfg, jnp.dtype(dtype))
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "load_params", "read_config"]
+__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "load_params", "read_config", "sublayer_sources",
+           "top_level_names"]

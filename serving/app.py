@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving import openai_format
 from serving.metrics import Metrics
 from serving.protocol import (MAX_ID_LEN, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                              LogprobFormatter, TokenizeRequest, as_api_error, loc_to_param, openai_error)
+                              LogprobFormatter, TokenizeRequest, as_api_error, openai_error, validation_error)
 
 __all__ = ["create_app", "DEFAULT_MAX_REQUEST_BYTES", "openai_error"]
 
@@ -214,20 +214,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = tuple(first.get("loc", ()))
-        param = loc_to_param(loc)
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg, param = "the request body is not valid JSON", None
-        elif first.get("type") == "missing":
-            msg = f"missing required field: {param}"
-        else:
-            msg = f"{param}: {msg}" if param else msg
-        if len(errors) > 1:
-            msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-        return error_response(APIError(400, msg, param=param, code="invalid_value"))
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

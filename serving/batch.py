@@ -189,18 +189,9 @@ def read_done(path: str) -> tuple[dict, set]:
 # --------------------------------------------------------------------------------------------------
 
 def _validation_error(exc) -> dict:
-    """The server's 400 for a pydantic validation error (mirrors its RequestValidationError handler)."""
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    param = protocol.loc_to_param(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid request")
-    if first.get("type") == "missing":
-        msg = f"missing required field: {param}"
-    else:
-        msg = f"{param}: {msg}" if param else msg
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return dict(status=400, message=msg, param=param, code="invalid_value")
+    """The server's 400 for a pydantic validation error."""
+    err = protocol.validation_error(exc.errors())
+    return dict(status=err.status, message=err.message, param=err.param, code=err.code)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -313,3 +313,19 @@ class LogprobFormatter:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The 400 for pydantic validation errors: the first error's field and message, and how many more."""
+    first = errors[0] if errors else {}
+    param = loc_to_param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        msg, param = "the request body is not valid JSON", None
+    elif first.get("type") == "missing":
+        msg = f"missing required field: {param}"
+    else:
+        msg = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return APIError(400, msg, param=param, code="invalid_value")
