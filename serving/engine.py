@@ -437,12 +437,22 @@ class Engine:
                 self._drain(block=not (self._waiting or self._running))
                 self._reap_aborted()
                 self._admit()
-                worked = self._prefill_step()
-                worked |= self._decode_step()
+                self._prefill_step()
+                self._decode_step()
             except Exception as e:  # never let one bad step kill the engine: fail the running requests
                 log.exception("engine step failed")
                 for req in list(self._running):
                     self._finish(req, "error", ok=False, error=f"{type(e).__name__}: {e}")
+                if any(x.is_deleted() for x in jax.tree_util.tree_leaves(self.cache)):
+                    # The failed step had been handed the (donated) cache: start over with an empty one. The
+                    # conversations keep their messages and token ids, so their next turns recompute.
+                    log.error("the device cache was lost in the failed step; continuing with an empty cache")
+                    c = self.cache
+                    self.cache = init_cache(self.cfg, num_blocks=c.num_blocks, block_size=c.block_size,
+                                            num_slots=c.num_slots, dtype=self.params["embed"].dtype)
+                    self.ledger = L.new_ledger(c.num_blocks, c.num_slots, self.block_size)
+                    self._host.clear()
+                    self._host_bytes = 0
         for req in self._waiting + self._running:
             self._finish(req, "abort", ok=False)
 
