@@ -34,25 +34,37 @@ def forward(params, cfg: ModelConfig, tokens):
     return _forward_jit(params, tokens, cfg=cfg)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _forward_jit(params, tokens, *, cfg: ModelConfig):
-    B, T = tokens.shape
-    h = _embed(params, tokens, cfg)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    length = jnp.full((B,), T, jnp.int32)
+def _sublayers(params, h, cfg: ModelConfig, attention, mamba):
+    """The residual sublayer stack. attention(i, p, x) and mamba(i, p, x) are the i-th mixer of their kind
+    (uncached or cached); norms, MLPs and residuals are shared by every path."""
+    ai = mi = 0
     for kind, p in zip(cfg.sublayers, params["layers"]):
         x = L.rms_norm(h, p["norm"], cfg.rms_eps)
         if kind == "mlp":
             out = L.mlp(p, x, cfg)
         elif kind == "attention":
-            q, k, v = L.qkv(p, x, pos, cfg)
-            out = L.linear(L.dense_causal_attention(q, k, v, cfg.attn_scale).reshape(B, T, -1), p, "o")
+            out, ai = attention(ai, p, x), ai + 1
         else:
-            conv0 = jnp.zeros((B, cfg.conv_dim, cfg.d_conv - 1), h.dtype)
-            ssm0 = jnp.zeros((B, cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state), jnp.float32)
-            out, _, _ = L.mamba_span(p, x, conv0, ssm0, length, cfg)
+            out, mi = mamba(mi, p, x), mi + 1
         h = _residual(h, out, cfg)
-    return _logits(params, h, cfg)
+    return h
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _forward_jit(params, tokens, *, cfg: ModelConfig):
+    B, T = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    def attention(i, p, x):
+        q, k, v = L.qkv(p, x, pos, cfg)
+        return L.linear(L.dense_causal_attention(q, k, v, cfg.attn_scale).reshape(B, T, -1), p, "o")
+
+    def mamba(i, p, x):
+        conv0 = jnp.zeros((B, cfg.conv_dim, cfg.d_conv - 1), x.dtype)
+        ssm0 = jnp.zeros((B, cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state), jnp.float32)
+        return L.mamba_span(p, x, conv0, ssm0, jnp.full((B,), T, jnp.int32), cfg)[0]
+
+    return _logits(params, _sublayers(params, _embed(params, tokens, cfg), cfg, attention, mamba), cfg)
 
 
 @struct.dataclass
@@ -79,44 +91,39 @@ def _write_kv(pages, li, new_BTKD, block_table, pos_BT, valid_BT):
 
 def _run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: bool):
     B, T = batch.tokens.shape
-    h = _embed(params, batch.tokens, cfg)
     pos = batch.start[:, None] + jnp.arange(T)[None, :]
     valid = jnp.arange(T)[None, :] < batch.length[:, None]
     kv_len = batch.start + batch.length
     fresh = (batch.start == 0)
-    k_pages, v_pages = cache.kv.k, cache.kv.v
-    conv_all, ssm_all = cache.mamba.conv, cache.mamba.ssm
-    ai = mi = 0
-    for kind, p in zip(cfg.sublayers, params["layers"]):
-        x = L.rms_norm(h, p["norm"], cfg.rms_eps)
-        if kind == "mlp":
-            out = L.mlp(p, x, cfg)
-        elif kind == "attention":
-            q, k, v = L.qkv(p, x, pos, cfg)
-            k_pages = _write_kv(k_pages, ai, k, batch.block_table, pos, valid)
-            v_pages = _write_kv(v_pages, ai, v, batch.block_table, pos, valid)
-            if decode:
-                o = pk.paged_decode_attention(q[:, 0], k_pages[ai], v_pages[ai], batch.block_table, kv_len,
-                                              scale=cfg.attn_scale)[:, None]
-            else:
-                o = pk.paged_prefill_attention(q, k_pages[ai], v_pages[ai], batch.block_table, pos, kv_len,
-                                               scale=cfg.attn_scale)
-            out = L.linear(o.reshape(B, T, -1), p, "o")
-            ai += 1
+    st = {"k": cache.kv.k, "v": cache.kv.v, "conv": cache.mamba.conv, "ssm": cache.mamba.ssm}
+
+    def attention(i, p, x):
+        q, k, v = L.qkv(p, x, pos, cfg)
+        st["k"] = _write_kv(st["k"], i, k, batch.block_table, pos, valid)
+        st["v"] = _write_kv(st["v"], i, v, batch.block_table, pos, valid)
+        if decode:
+            o = pk.paged_decode_attention(q[:, 0], st["k"][i], st["v"][i], batch.block_table, kv_len,
+                                          scale=cfg.attn_scale)[:, None]
         else:
-            # A sequence starting at 0 begins from zero state whatever its slot held before.
-            conv0 = jnp.where(fresh[:, None, None], 0, conv_all[mi, batch.slot]).astype(h.dtype)
-            ssm0 = jnp.where(fresh[:, None, None, None], 0.0, ssm_all[mi, batch.slot])
-            if decode:
-                o, conv_new, ssm_new = L.mamba_step(p, x[:, 0], conv0, ssm0, cfg)
-                out = o[:, None]
-            else:
-                out, conv_new, ssm_new = L.mamba_span(p, x, conv0, ssm0, batch.length, cfg)
-            conv_all = conv_all.at[mi, batch.slot].set(conv_new.astype(conv_all.dtype))
-            ssm_all = ssm_all.at[mi, batch.slot].set(ssm_new)
-            mi += 1
-        h = _residual(h, out, cfg)
-    new_cache = Cache(kv=PagedKV(k=k_pages, v=v_pages), mamba=MambaState(conv=conv_all, ssm=ssm_all))
+            o = pk.paged_prefill_attention(q, st["k"][i], st["v"][i], batch.block_table, pos, kv_len,
+                                           scale=cfg.attn_scale)
+        return L.linear(o.reshape(B, T, -1), p, "o")
+
+    def mamba(i, p, x):
+        # A sequence starting at 0 begins from zero state whatever its slot held before.
+        conv0 = jnp.where(fresh[:, None, None], 0, st["conv"][i, batch.slot]).astype(x.dtype)
+        ssm0 = jnp.where(fresh[:, None, None, None], 0.0, st["ssm"][i, batch.slot])
+        if decode:
+            o, conv_new, ssm_new = L.mamba_step(p, x[:, 0], conv0, ssm0, cfg)
+            out = o[:, None]
+        else:
+            out, conv_new, ssm_new = L.mamba_span(p, x, conv0, ssm0, batch.length, cfg)
+        st["conv"] = st["conv"].at[i, batch.slot].set(conv_new.astype(st["conv"].dtype))
+        st["ssm"] = st["ssm"].at[i, batch.slot].set(ssm_new)
+        return out
+
+    h = _sublayers(params, _embed(params, batch.tokens, cfg), cfg, attention, mamba)
+    new_cache = Cache(kv=PagedKV(k=st["k"], v=st["v"]), mamba=MambaState(conv=st["conv"], ssm=st["ssm"]))
     return h, new_cache
 
 
