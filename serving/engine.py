@@ -560,7 +560,10 @@ class Engine:
         return end
 
     def _table(self, reqs: list[_Request], rows: int) -> np.ndarray:
-        t = np.zeros((rows, self.table_width), np.int32)
+        """Block tables [rows, width]; width is bucketed to the longest table, so attention reads only as many
+        blocks as the batch's longest sequence needs (not max_model_len's worth)."""
+        width = _bucket(max(len(r.pending.blocks) for r in reqs), 4, cap=self.table_width)
+        t = np.zeros((rows, width), np.int32)
         for i, r in enumerate(reqs):
             t[i, :len(r.pending.blocks)] = r.pending.blocks
         return t
