@@ -296,6 +296,14 @@ def _mamba_specs(pre: str, h: int, m: dict, conv_std: float) -> list[TensorSpec]
     return out
 
 
+def _granite_bamba_mixer_specs(pre, kind, h, m, conv_std, config, attn_bias) -> list:
+    """Input norm plus the Mamba or attention mixer of a Granite / Bamba decoder layer (same names in both)."""
+    specs = [TensorSpec(pre + "input_layernorm.weight", (h,), "ones")]
+    if kind == "mamba":
+        return specs + _mamba_specs(pre + "mamba.", h, m, conv_std)
+    return specs + _attn_specs(pre + "self_attn.", config, attn_bias)
+
+
 def _attn_specs(pre: str, config: dict, bias: bool) -> list[TensorSpec]:
     h = int(config["hidden_size"])
     nq = int(config["num_attention_heads"])
@@ -347,11 +355,7 @@ def plan_checkpoint(config: dict) -> list[TensorSpec]:
         attn_bias = bool(config.get("attention_bias", False))
         for i, kind in enumerate(kinds):
             pre = f"model.layers.{i}."
-            specs.append(TensorSpec(pre + "input_layernorm.weight", (h,), "ones"))
-            if kind == "mamba":
-                specs += _mamba_specs(pre + "mamba.", h, m, conv_std)
-            else:
-                specs += _attn_specs(pre + "self_attn.", config, attn_bias)
+            specs += _granite_bamba_mixer_specs(pre, kind, h, m, conv_std, config, attn_bias)
             specs.append(TensorSpec(pre + "shared_mlp.input_linear.weight", (2 * shared, h)))
             specs.append(TensorSpec(pre + "shared_mlp.output_linear.weight", (h, shared)))
             specs.append(TensorSpec(pre + "post_attention_layernorm.weight", (h,), "ones"))
@@ -363,11 +367,7 @@ def plan_checkpoint(config: dict) -> list[TensorSpec]:
         attn_bias = bool(config.get("attention_bias", False))
         for i, kind in enumerate(kinds):
             pre = f"model.layers.{i}."
-            specs.append(TensorSpec(pre + "input_layernorm.weight", (h,), "ones"))
-            if kind == "mamba":
-                specs += _mamba_specs(pre + "mamba.", h, m, conv_std)
-            else:
-                specs += _attn_specs(pre + "self_attn.", config, attn_bias)
+            specs += _granite_bamba_mixer_specs(pre, kind, h, m, conv_std, config, attn_bias)
             specs.append(TensorSpec(pre + "pre_ff_layernorm.weight", (h,), "ones"))
             for proj, shape in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
                 specs.append(TensorSpec(f"{pre}feed_forward.{proj}.weight", shape))

@@ -30,14 +30,15 @@ def _pick_block_c(C: int, block_c: int) -> int:
     return bc if bc >= 16 or bc == C else 16
 
 
+def _split_refs(refs, has_bias: bool):
+    """(bias or None, y, new state) from a kernel's trailing refs; the bias input exists only with a bias."""
+    return tuple(refs) if has_bias else (None, *refs)
+
+
 def _conv_kernel(len_ref, x_ref, state_ref, w_ref, *refs, width: int, seq_len: int, has_bias: bool):
     # len_ref [1] i32; x_ref [T_pad, bc] (the whole span); state_ref [bc, W-1]; w_ref [bc, W]; b_ref [bc];
     # y_ref [bt, bc]; ns_ref [bc, W-1]
-    if has_bias:
-        b_ref, y_ref, ns_ref = refs
-    else:
-        b_ref = None
-        y_ref, ns_ref = refs
+    b_ref, y_ref, ns_ref = _split_refs(refs, has_bias)
     W = width
     f32 = jnp.float32
     block_t, block_c = y_ref.shape
@@ -126,11 +127,7 @@ def causal_conv1d(x_BTC, state_BCW1, w_CW, b_C, lengths_B, *, block_t: int = 64,
 
 def _conv_step_kernel(x_ref, state_ref, w_ref, *refs, width: int, has_bias: bool):
     # x_ref [bc]; state_ref/ns_ref [bc, W-1]; w_ref [bc, W]; b_ref [bc]; y_ref [bc]
-    if has_bias:
-        b_ref, y_ref, ns_ref = refs
-    else:
-        b_ref = None
-        y_ref, ns_ref = refs
+    b_ref, y_ref, ns_ref = _split_refs(refs, has_bias)
     W = width
     f32 = jnp.float32
     x = x_ref[...]
