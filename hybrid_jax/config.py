@@ -59,7 +59,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     max_position_embeddings: int = 4096
-    torch_dtype: str = "float32"
+    torch_dtype: str = "float32"        # the checkpoint's weight dtype (config.json torch_dtype / dtype)
 
     @property
     def mamba_inner(self) -> int:
@@ -89,6 +89,13 @@ def _eos(v: Any) -> tuple[int, ...]:
     if v is None:
         return ()
     return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+def _torch_dtype(hf: dict) -> str:
+    """The checkpoint's weight dtype: `torch_dtype` (transformers 4) or `dtype` (transformers 5 writes this),
+    without a "torch." prefix; "float32" when absent."""
+    v = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return str(v).removeprefix("torch.")
 
 
 def _rope(hf: dict, head_dim: int, partial: float) -> tuple[int, float]:
@@ -131,7 +138,7 @@ def from_hf(hf: dict) -> ModelConfig:
                   eos_token_ids=_eos(hf.get("eos_token_id")), bos_token_id=hf.get("bos_token_id"),
                   pad_token_id=hf.get("pad_token_id"),
                   max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                  torch_dtype=str(hf.get("torch_dtype", hf.get("dtype", "float32"))),
+                  torch_dtype=_torch_dtype(hf),
                   num_heads=heads, num_kv_heads=kv)
     if family == "nemotron_h":
         head_dim = int(hf.get("head_dim") or hf.get("attention_head_dim") or H // heads)

@@ -1,7 +1,14 @@
 """Read a Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index) into params.
 
 Params pytree: {"embed": [V,D], "final_norm": [D], "lm_head": [V,D] (absent when tied),
-"layers": [one dict per sublayer]}; projection weights are stored [in, out].
+"layers": [one dict per sublayer]}; projection weights are stored [in, out]. With `stacked=True` the layers come
+in hybrid_jax/stack.py's stacked form instead ({"stack": {kind: {name: [L_kind, ...]}}}), stacked on the host.
+
+dtype: "auto" (the default) takes the checkpoint's `torch_dtype` (bfloat16 for the released hybrid models;
+float32 when config.json names none); "float32", "bfloat16" or "float16" override it. Mamba's `A_log`, `D` and
+`dt_bias` stay float32 whatever the dtype. Tensors are read in their stored dtype (bfloat16 as ml_dtypes' bfloat16,
+which jax uses) and cast only when the target differs, so a bf16 checkpoint loaded as bf16 is bit-exact and never
+passes through float32.
 """
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ import json
 import os
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes  # also registers "bfloat16" with numpy, which safetensors' numpy backend needs for BF16
 import numpy as np
 from safetensors import safe_open
 
@@ -61,7 +70,33 @@ class _Weights:
         fn = self._where[name]
         if fn not in self._open:
             self._open[fn] = safe_open(fn, "numpy").__enter__()
-        return self._open[fn].get_tensor(name)
+        try:
+            return self._open[fn].get_tensor(name)
+        except (TypeError, ValueError):  # a safetensors numpy backend that cannot read the dtype (old: BF16)
+            return read_raw_tensor(fn, name)
+
+
+# safetensors dtype -> numpy dtype, for read_raw_tensor
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_raw_tensor(filename: str, name: str) -> np.ndarray:
+    """One tensor of a safetensors file read from the file format itself (8-byte little-endian header length,
+    JSON header, raw little-endian data): bfloat16 comes back as ml_dtypes.bfloat16 whatever safetensors does."""
+    with open(filename, "rb") as f:
+        (n,) = np.frombuffer(f.read(8), "<u8")
+        header = json.loads(f.read(int(n)))
+        if name not in header:
+            raise CheckpointError(f"weight {name!r} is missing from {filename!r}")
+        info = header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"weight {name!r} has dtype {info['dtype']}, which this loader cannot read")
+        begin, end = info["data_offsets"]
+        f.seek(8 + int(n) + begin)
+        data = f.read(end - begin)
+    dt = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+    return np.frombuffer(data, dt).astype(dt.newbyteorder("="), copy=False).reshape(info["shape"])
 
 
 FINAL_NORM = {"nemotron_h": "norm_f.weight", "granitemoehybrid": "norm.weight", "bamba": "final_layernorm.weight"}
@@ -159,7 +194,40 @@ def _to_ours(name: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
-def load_params(path: str, cfg: ModelConfig, dtype=jnp.float32) -> dict:
+_DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "fp32": jnp.float32,
+                "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+                "float16": jnp.float16, "half": jnp.float16, "fp16": jnp.float16}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: Mamba parameters that enter exp/softplus of the recurrence: float32 whatever the dtype.
+FLOAT32_PARAMS = ("A_log", "D", "dt_bias")
+
+
+def resolve_dtype(cfg: ModelConfig, dtype="auto") -> jnp.dtype:
+    """The parameter (and cache) dtype: "auto" (or None) -> the checkpoint's torch_dtype (cfg.torch_dtype);
+    "float32" / "bfloat16" / "float16" (or a dtype) -> that. Raises ConfigError for anything else."""
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        name, where = cfg.torch_dtype, f"the checkpoint's torch_dtype {cfg.torch_dtype!r}"
+    else:
+        name, where = dtype, f"dtype {dtype!r}"
+    if isinstance(name, str):
+        key = name.strip().lower().removeprefix("torch.")
+        if key in _DTYPE_NAMES:
+            return jnp.dtype(_DTYPE_NAMES[key])
+    else:
+        try:
+            d = jnp.dtype(name)
+        except TypeError:
+            d = None
+        if d in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return d
+    raise ConfigError(f"{where} is not a supported parameter dtype; pass --dtype (dtype=) one of "
+                      f"float32, bfloat16, float16")
+
+
+def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False) -> dict:
+    """Params of the checkpoint at path for cfg. dtype: see resolve_dtype. stacked: return the stacked layer form
+    of hybrid_jax.stack.stack_layers, built from host arrays before anything reaches the device."""
+    dtype = resolve_dtype(cfg, dtype)
     w = _Weights(path)
     pre = _prefix(w, cfg)
     keys = set(w.keys())
@@ -169,8 +237,11 @@ def load_params(path: str, cfg: ModelConfig, dtype=jnp.float32) -> dict:
             raise CheckpointError(f"weight {where!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
                                   f"(our layout {name})")
         # Mamba A_log, D, dt_bias stay float32: they enter exp/softplus of the recurrence.
-        dt = jnp.float32 if name in ("A_log", "D", "dt_bias") else dtype
-        return jnp.asarray(a.astype(np.float32) if a.dtype != np.float32 else a, dtype=dt)
+        dt = np.dtype(jnp.float32 if name in FLOAT32_PARAMS else dtype)
+        if a.dtype != dt:
+            a = a.astype(dt)
+        # Host array in stacked mode (stacked below, then transferred); else straight to the device, one at a time.
+        return a if stacked else jnp.asarray(a)
 
     layers = []
     for kind, names in zip(cfg.sublayers, sublayer_sources(cfg, pre)):
@@ -197,17 +268,27 @@ def load_params(path: str, cfg: ModelConfig, dtype=jnp.float32) -> dict:
               "final_norm": put(w.get(final), "final_norm", (D,), final), "layers": layers}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = put(w.get("lm_head.weight"), "lm_head", (V, D), "lm_head.weight")
-    return params
+    if not stacked:
+        return params
+    from hybrid_jax.stack import stack_layers
+    host = stack_layers(params, cfg, xp=np)
+    del params, layers  # the host list form goes; only the stacked copy is transferred
+    return jax.tree.map(jnp.asarray, host)
 
 
-def load_pretrained(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict]:
-    """(cfg, params) from a Hugging Face checkpoint directory. Raises FileNotFoundError, ConfigError or
-    CheckpointError with a message naming what is wrong."""
+def load_pretrained(path: str, dtype="auto", stacked: bool = False) -> tuple[ModelConfig, dict]:
+    """(cfg, params) from a Hugging Face checkpoint directory.
+
+    dtype: "auto" (default) takes the checkpoint config's torch_dtype (bfloat16 for the released models, float32
+    when it names none); "float32", "bfloat16", "float16" override it. A_log, D and dt_bias stay float32.
+    stacked: params in hybrid_jax.stack's stacked form (built on the host; the device never holds both forms)
+    instead of the list form {"layers": [...]}.
+    Raises FileNotFoundError, ConfigError or CheckpointError with a message naming what is wrong."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     cfg = from_hf(read_config(path))
-    return cfg, load_params(path, cfg, jnp.dtype(dtype))
+    return cfg, load_params(path, cfg, dtype, stacked=stacked)
 
 
-__all__ = ["CheckpointError", "ConfigError", "load_pretrained", "load_params", "read_config", "sublayer_sources",
-           "top_level_names"]
+__all__ = ["DTYPE_CHOICES", "FLOAT32_PARAMS", "CheckpointError", "ConfigError", "load_pretrained", "load_params",
+           "read_config", "read_raw_tensor", "resolve_dtype", "sublayer_sources", "top_level_names"]

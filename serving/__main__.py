@@ -22,6 +22,16 @@ def _memory(v: str) -> str | int:
     return int(v) if v.isdigit() else v
 
 
+def _fraction(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
@@ -43,14 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum requests running at once (engine default: 8)")
     p.add_argument("--num-blocks", type=int, default=None,
                    help="number of KV blocks (default: derived from --kv-memory or from the lengths)")
+    p.add_argument("--num-slots", type=int, default=None,
+                   help="number of Mamba state slots, i.e. of running plus cached conversations (default: derived "
+                        "from the memory budget, or from --max-num-seqs without one)")
     p.add_argument("--kv-memory", type=_memory, default=None,
-                   help="memory for KV blocks plus Mamba state slots, e.g. 512MiB, 2GiB or bytes")
+                   help="one memory budget for the whole cache, KV blocks and Mamba state slots together, e.g. "
+                        "512MiB, 40GiB or bytes; the cache never allocates past it (default: sized from the "
+                        "lengths, or from --gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=None,
+                   help="fraction in (0, 1] of the accelerator's memory this server may use, weights included "
+                        "(as in vLLM): the cache gets that share minus the weights. The memory is what JAX may "
+                        "allocate on the device (its allocator limit; XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by "
+                        "default). Ignored with a warning on CPU; --kv-memory takes precedence (default: not used)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="chunked-prefill tokens per step (engine default: 256)")
     p.add_argument("--host-cache-memory", type=_memory, default=None,
                    help="host memory for evicted conversations, e.g. 1GiB (0: off; engine default: 1GiB)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="parameter and cache dtype; the Mamba SSM state stays float32 (default: float32)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="parameter and cache dtype. auto: the checkpoint's torch_dtype from its config.json "
+                        "(bfloat16 for the released models; float32 if it names none). The Mamba SSM state and "
+                        "A_log, D, dt_bias stay float32 (default: auto)")
     p.add_argument("--served-model-name", default=None,
                    help="model name reported by /v1/models and in responses (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),
@@ -82,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_kw = {k: v for k, v in dict(
         cache_mode=args.cache_mode, block_size=args.block_size, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks, kv_memory=args.kv_memory,
+        max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks, num_slots=args.num_slots,
+        kv_memory=args.kv_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_prefill_tokens=args.max_prefill_tokens, host_cache_memory=args.host_cache_memory,
         dtype=args.dtype, served_model_name=args.served_model_name).items() if v is not None}
     metrics = Metrics()
