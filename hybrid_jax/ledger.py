@@ -15,7 +15,6 @@ import dataclasses
 from typing import Hashable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.cache import NULL_BLOCK, NULL_SLOT, Cache, copy_block, copy_slot
@@ -105,6 +104,12 @@ def _alloc_slot(slots: np.ndarray) -> int:
     return int(free[0])
 
 
+def _ids(*ids) -> np.ndarray:
+    """A host int32 index vector: jitted calls take it as is (a jnp array built from a list would be an
+    eagerly compiled conversion)."""
+    return np.asarray(ids, np.int32)
+
+
 _copy_block = jax.jit(copy_block, donate_argnums=0)
 _copy_slot = jax.jit(copy_slot, donate_argnums=0)
 
@@ -130,12 +135,12 @@ def attach(ledger: Ledger, cache: Cache, key: Hashable | None, *, snapshot: bool
     blocks = list(shared)
     if turn.length % bs:
         (tail,) = _alloc_blocks(rc, 1)
-        cache = _copy_block(cache, jnp.array([turn.blocks[n_full]]), jnp.array([tail]))
+        cache = _copy_block(cache, _ids(turn.blocks[n_full]), _ids(tail))
         blocks.append(tail)
-    cache = _copy_slot(cache, jnp.array([turn.slot]), jnp.array([slot]))
+    cache = _copy_slot(cache, _ids(turn.slot), _ids(slot))
     pending = Pending(key, turn.length, tuple(blocks), n_full, slot, snap, turn.length if snapshot else 0)
     if snapshot:
-        cache = _copy_slot(cache, jnp.array([turn.slot]), jnp.array([snap]))
+        cache = _copy_slot(cache, _ids(turn.slot), _ids(snap))
     return ledger._with(refcount=rc, slots=slots), cache, pending
 
 

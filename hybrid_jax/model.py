@@ -11,6 +11,7 @@ import pallas_kernels as pk
 from hybrid_jax import layers as L
 from hybrid_jax.cache import NULL_BLOCK, Cache, MambaState, PagedKV
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.stack import Mixers, run_stack
 
 
 def _embed(params, tokens, cfg: ModelConfig):
@@ -24,30 +25,10 @@ def _logits(params, h, cfg: ModelConfig):
     return logits / cfg.logits_scaling
 
 
-def _residual(h, out, cfg: ModelConfig):
-    return h + out * jnp.asarray(cfg.residual_multiplier, h.dtype)
-
-
 def forward(params, cfg: ModelConfig, tokens):
-    """Logits [B,T,V] float32 of int32 tokens [B,T], from scratch (no cache)."""
+    """Logits [B,T,V] float32 of int32 tokens [B,T], from scratch (no cache). params: list or stacked form."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return _forward_jit(params, tokens, cfg=cfg)
-
-
-def _sublayers(params, h, cfg: ModelConfig, attention, mamba):
-    """The residual sublayer stack. attention(i, p, x) and mamba(i, p, x) are the i-th mixer of their kind
-    (uncached or cached); norms, MLPs and residuals are shared by every path."""
-    ai = mi = 0
-    for kind, p in zip(cfg.sublayers, params["layers"]):
-        x = L.rms_norm(h, p["norm"], cfg.rms_eps)
-        if kind == "mlp":
-            out = L.mlp(p, x, cfg)
-        elif kind == "attention":
-            out, ai = attention(ai, p, x), ai + 1
-        else:
-            out, mi = mamba(mi, p, x), mi + 1
-        h = _residual(h, out, cfg)
-    return h
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -55,16 +36,16 @@ def _forward_jit(params, tokens, *, cfg: ModelConfig):
     B, T = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
 
-    def attention(i, p, x):
-        q, k, v = L.qkv(p, x, pos, cfg)
-        return L.linear(L.dense_causal_attention(q, k, v, cfg.attn_scale).reshape(B, T, -1), p, "o")
-
-    def mamba(i, p, x):
+    def mamba(p, x, state, j):
         conv0 = jnp.zeros((B, cfg.conv_dim, cfg.d_conv - 1), x.dtype)
         ssm0 = jnp.zeros((B, cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state), jnp.float32)
-        return L.mamba_span(p, x, conv0, ssm0, jnp.full((B,), T, jnp.int32), cfg)[0]
+        return L.mamba_span(p, x, conv0, ssm0, jnp.full((B,), T, jnp.int32), cfg)[0], state
 
-    return _logits(params, _sublayers(params, _embed(params, tokens, cfg), cfg, attention, mamba), cfg)
+    mixers = Mixers(mamba=mamba, write_kv=lambda state, j, k, v, on: state,
+                    attend=lambda p, q, k, v, state, j: L.dense_causal_attention(q, k, v, cfg.attn_scale).reshape(
+                        B, T, -1))
+    h, _ = run_stack(params, _embed(params, tokens, cfg), pos, (), cfg, mixers)
+    return _logits(params, h, cfg)
 
 
 @struct.dataclass
@@ -82,47 +63,76 @@ class SpanBatch:
     block_table: jax.Array
 
 
-def _write_kv(pages, li, new_BTKD, block_table, pos_BT, valid_BT):
-    S = pages.shape[2]
+def _write_kv(pool_LNSKD, j, new_BTKD, block_table, pos_BT, valid_BT):
+    """Scatter a span's K or V into layer j of the pool; padding positions go to the scratch block."""
+    S = pool_LNSKD.shape[2]
     blk = jnp.take_along_axis(block_table, pos_BT // S, axis=1)
     blk = jnp.where(valid_BT, blk, NULL_BLOCK)
-    return pages.at[li, blk, pos_BT % S].set(new_BTKD.astype(pages.dtype))
+    return pool_LNSKD.at[j, blk, pos_BT % S].set(new_BTKD.astype(pool_LNSKD.dtype))
+
+
+def _layer_pages(pool_LNSKD, j, block_table):
+    """Layer j's pages as a flat [L*N, S, K, D] view (a reshape: no copy) and the table offset into it."""
+    La, N = pool_LNSKD.shape[:2]
+    return pool_LNSKD.reshape(La * N, *pool_LNSKD.shape[2:]), block_table + j * N
+
+
+def _pad_row(batch: SpanBatch) -> SpanBatch:
+    """batch plus one padding row (scratch slot and block, length 0)."""
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])]), batch)
 
 
 def _run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: bool):
+    """Run a span batch through the stack against the cache pools, updating them in place.
+
+    The pools ride in the layer scan's carry: each layer gathers its rows' state (B rows) and scatters the new
+    state back, so no step copies or rewrites a whole pool (tests/test_no_pool_copy.py checks the programs).
+    """
+    if batch.tokens.shape[0] == 1:
+        # One row: XLA turns the state scatter into a dynamic-update-slice and then copies the whole SSM pool
+        # inside the layer loop. A second (padding) row keeps it a scatter, updated in place.
+        h, cache = _run_span(params, cache, _pad_row(batch), cfg, decode)
+        return h[:1], cache
     B, T = batch.tokens.shape
     pos = batch.start[:, None] + jnp.arange(T)[None, :]
     valid = jnp.arange(T)[None, :] < batch.length[:, None]
     kv_len = batch.start + batch.length
-    fresh = (batch.start == 0)
-    st = {"k": cache.kv.k, "v": cache.kv.v, "conv": cache.mamba.conv, "ssm": cache.mamba.ssm}
+    fresh = batch.start == 0
+    live = batch.length > 0
 
-    def attention(i, p, x):
-        q, k, v = L.qkv(p, x, pos, cfg)
-        st["k"] = _write_kv(st["k"], i, k, batch.block_table, pos, valid)
-        st["v"] = _write_kv(st["v"], i, v, batch.block_table, pos, valid)
+    def write_kv(st, j, k, v, on):
+        ok = valid & on
+        return dict(st, k=_write_kv(st["k"], j, k, batch.block_table, pos, ok),
+                    v=_write_kv(st["v"], j, v, batch.block_table, pos, ok))
+
+    def attend(p, q, k, v, st, j):
+        k_pages, table = _layer_pages(st["k"], j, batch.block_table)
+        v_pages, _ = _layer_pages(st["v"], j, batch.block_table)
         if decode:
-            o = pk.paged_decode_attention(q[:, 0], st["k"][i], st["v"][i], batch.block_table, kv_len,
-                                          scale=cfg.attn_scale)[:, None]
+            o = pk.paged_decode_attention(q[:, 0], k_pages, v_pages, table, kv_len, scale=cfg.attn_scale)[:, None]
         else:
-            o = pk.paged_prefill_attention(q, st["k"][i], st["v"][i], batch.block_table, pos, kv_len,
-                                           scale=cfg.attn_scale)
-        return L.linear(o.reshape(B, T, -1), p, "o")
+            o = pk.paged_prefill_attention(q, k_pages, v_pages, table, pos, kv_len, scale=cfg.attn_scale)
+        return o.reshape(B, T, -1)
 
-    def mamba(i, p, x):
+    def mamba(p, x, st, j):
         # A sequence starting at 0 begins from zero state whatever its slot held before.
-        conv0 = jnp.where(fresh[:, None, None], 0, st["conv"][i, batch.slot]).astype(x.dtype)
-        ssm0 = jnp.where(fresh[:, None, None, None], 0.0, st["ssm"][i, batch.slot])
+        conv0 = jnp.where(fresh[:, None, None], 0, st["conv"][j, batch.slot]).astype(x.dtype)
+        ssm0 = jnp.where(fresh[:, None, None, None], 0.0, st["ssm"][j, batch.slot])
         if decode:
             o, conv_new, ssm_new = L.mamba_step(p, x[:, 0], conv0, ssm0, cfg)
+            # A row with length 0 (a masked stop token) leaves its state as it was.
+            conv_new = jnp.where(live[:, None, None], conv_new, conv0)
+            ssm_new = jnp.where(live[:, None, None, None], ssm_new, ssm0)
             out = o[:, None]
         else:
             out, conv_new, ssm_new = L.mamba_span(p, x, conv0, ssm0, batch.length, cfg)
-        st["conv"] = st["conv"].at[i, batch.slot].set(conv_new.astype(st["conv"].dtype))
-        st["ssm"] = st["ssm"].at[i, batch.slot].set(ssm_new)
-        return out
+        st = dict(st, conv=st["conv"].at[j, batch.slot].set(conv_new.astype(st["conv"].dtype)),
+                  ssm=st["ssm"].at[j, batch.slot].set(ssm_new))
+        return out, st
 
-    h = _sublayers(params, _embed(params, batch.tokens, cfg), cfg, attention, mamba)
+    st = {"k": cache.kv.k, "v": cache.kv.v, "conv": cache.mamba.conv, "ssm": cache.mamba.ssm}
+    mixers = Mixers(mamba=mamba, write_kv=write_kv, attend=attend)
+    h, st = run_stack(params, _embed(params, batch.tokens, cfg), pos, st, cfg, mixers)
     new_cache = Cache(kv=PagedKV(k=st["k"], v=st["v"]), mamba=MambaState(conv=st["conv"], ssm=st["ssm"]))
     return h, new_cache
 

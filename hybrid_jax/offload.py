@@ -9,7 +9,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import ledger as L
@@ -29,11 +28,11 @@ class HostTurn:
         return self.k.nbytes + self.v.nbytes + self.conv.nbytes + self.ssm.nbytes
 
 
-def _padded(ids, fill=NULL_BLOCK) -> jax.Array:
+def _padded(ids, fill=NULL_BLOCK) -> np.ndarray:
     n = 1
     while n < len(ids):
         n *= 2
-    return jnp.asarray(list(ids) + [fill] * (n - len(ids)), jnp.int32)
+    return np.asarray(list(ids) + [fill] * (n - len(ids)), np.int32)
 
 
 @jax.jit

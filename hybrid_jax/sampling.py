@@ -5,8 +5,6 @@ fold_in(PRNGKey(seed), step): a request samples the same tokens whatever batch i
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -24,14 +22,8 @@ class SamplingBatch:
     step: jax.Array         # [B] i32, tokens sampled so far by the row
 
 
-@functools.partial(jax.jit)
-def sample(logits_BV: jax.Array, sb: SamplingBatch):
-    """Returns (token [B] i32, logprob of token [B], top ids [B,5], top logprobs [B,5]) under the raw model
-    distribution (logprobs are reported before temperature and truncation, as OpenAI does)."""
-    logits = logits_BV.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1)
-
+def _sample_full(logits, sb: SamplingBatch):
+    """Temperature, top-k, top-p and min-p sampling (sorts the vocabulary); greedy rows take the argmax."""
     V = logits.shape[-1]
     t = jnp.where(sb.temperature > 0, sb.temperature, 1.0)[:, None]
     scaled = logits / t
@@ -47,7 +39,22 @@ def sample(logits_BV: jax.Array, sb: SamplingBatch):
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.PRNGKey(s), i))(sb.seed, sb.step)
     pick = jax.vmap(jax.random.categorical)(keys, masked)
     sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0]
-    token = jnp.where(sb.temperature > 0, sampled, greedy).astype(jnp.int32)
+    return jnp.where(sb.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def sample_tokens(logits_BV: jax.Array, sb: SamplingBatch):
+    """Returns (token [B] i32, logprob of token [B], top ids [B,5], top logprobs [B,5]) under the raw model
+    distribution (logprobs are reported before temperature and truncation, as OpenAI does).
+
+    Traceable (fused into the engine's steps). When every row is greedy the vocabulary is never sorted.
+    """
+    logits = logits_BV.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    token = jax.lax.cond(jnp.any(sb.temperature > 0), _sample_full,
+                         lambda l, sb: jnp.argmax(l, axis=-1).astype(jnp.int32), logits, sb)
     tok_lp = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logp, NUM_TOP_LOGPROBS)
     return token, tok_lp, top_ids, top_lp
+
+
+sample = jax.jit(sample_tokens)

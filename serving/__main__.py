@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default). Ignored with a warning on CPU; --kv-memory takes precedence (default: not used)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="chunked-prefill tokens per step (engine default: 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens of one step while streams are decoding: a prompt's prefill chunk shares them with "
+                        "the decode rows, which bounds inter-token gaps (default: 64 on CPU, 2048 on GPU)")
     p.add_argument("--host-cache-memory", type=_memory, default=None,
                    help="host memory for evicted conversations, e.g. 1GiB (0: off; engine default: 1GiB)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -85,9 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest accepted request body in bytes (413 above; default 4 MiB)")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds to let in-flight requests finish on shutdown before aborting them (default: 10)")
+    p.add_argument("--compilation-cache-dir", default=os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+                       os.path.expanduser("~"), ".cache", "hybrid-serve", "jax"),
+                   help="JAX's persistent compilation cache: compiled step programs are kept here, so a restart "
+                        "warms up in seconds; 'none' turns it off (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/hybrid-serve/jax)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="serve before every step program is compiled (the first requests then compile them); "
+                        "by default all are compiled before the server reports healthy")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="log level of the server and the engine (default: info)")
     return p
+
+
+def _compilation_cache(directory: str) -> None:
+    """Turn on JAX's persistent compilation cache (every program, however quick to compile) unless 'none'."""
+    if directory.lower() == "none":
+        return
+    import jax
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log = logging.getLogger("serving")
 
+    _compilation_cache(args.compilation_cache_dir)
     import uvicorn
 
     from serving import Engine
@@ -106,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         cache_mode=args.cache_mode, block_size=args.block_size, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks, num_slots=args.num_slots,
         kv_memory=args.kv_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_prefill_tokens=args.max_prefill_tokens, host_cache_memory=args.host_cache_memory,
+        max_prefill_tokens=args.max_prefill_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
+        host_cache_memory=args.host_cache_memory,
         dtype=args.dtype, served_model_name=args.served_model_name).items() if v is not None}
     metrics = Metrics()
     t0 = time.perf_counter()
@@ -114,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(f"{k}={v}" for k, v in engine_kw.items()))
     engine = Engine.from_pretrained(args.model, metrics=metrics, **engine_kw)
     metrics.bind_engine(engine)
+    if not args.no_warmup:
+        info = engine.warmup(progress=sys.stderr.isatty())
+        log.info("compiled %d step programs and %d cache programs", info["programs"], info["cache_programs"])
     log.info("engine ready in %.1fs", time.perf_counter() - t0)
 
     if args.cache_dir:

@@ -191,16 +191,16 @@ def test_failed_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_
     e = Engine.from_pretrained(tiny_model_dir, cache_mode="exact", **COMMON)
     try:
         _raw_conversation(e, "survivor", [(list(range(20)), 3)])
-        real = e._prefill
+        real = e.runner._prefill
 
-        def boom(params, cache, batch):
-            real(params, cache, batch)  # consumes the donated cache, then fails like a device error would
+        def boom(params, cache, *a, **k):
+            real(params, cache, *a, **k)  # consumes the donated cache, then fails like a device error would
             raise RuntimeError("injected step failure")
 
-        e._prefill = boom
+        e.runner._prefill = boom
         r = e.complete(list(range(30)), max_tokens=3, temperature=0)
         assert r.finish_reason == "error" and "injected" in r.error
-        e._prefill = real
+        e.runner._prefill = real
         got = _raw_conversation(e, "survivor", [(list(range(7)), 4)])[0]
         want = _raw_conversation(engines["none"], "survivor-ref", [(list(range(20)), 3), (list(range(7)), 4)])[1]
         assert got.token_ids == want.token_ids  # recomputed from the conversation's committed tokens

@@ -1,0 +1,147 @@
+"""The model runner: shape buckets, warm-up, batch building (numpy, two arrays a step) and step dispatch.
+
+Steps are dispatched without waiting: `decode` returns the device-side `Sampled` of its step, and the engine
+builds and dispatches the next decode step (whose input tokens it takes from that `Sampled` on the device)
+before it reads this one's tokens. Every shape a step can take is a bucket listed by `shapes()`, and `warmup`
+compiles them all, so nothing compiles while serving.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import jax
+import numpy as np
+
+from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, pack_rows
+
+log = logging.getLogger("serving.runner")
+PREFILL_TOKENS_MIN = 16
+
+
+def pow_bucket(n: int, lo: int, cap: int, factor: int) -> int:
+    """The smallest lo * factor**k >= n, capped at cap (always >= lo)."""
+    b = lo
+    while b < n and b < cap:
+        b *= factor
+    return min(b, cap) if cap >= lo else lo
+
+
+def _ladder(lo: int, cap: int, factor: int) -> list[int]:
+    out, b = [], lo
+    while b < cap:
+        out.append(b)
+        b *= factor
+    return out + [max(cap, lo)]
+
+
+class ModelRunner:
+    def __init__(self, cfg, params, caches, *, max_num_seqs: int, max_prefill_tokens: int, max_prefill_rows: int,
+                 table_width: int):
+        self.cfg, self.params, self.caches = cfg, params, caches
+        self.max_rows = pow_bucket(max_num_seqs, 2, 1 << 30, 2)
+        self.max_prefill_tokens = pow_bucket(max_prefill_tokens, PREFILL_TOKENS_MIN, 1 << 30, 4)
+        self.prefill_rows = max(1, min(max_prefill_rows, max_num_seqs))
+        self.table_width = table_width
+        self._prefill, self._decode = make_serving_steps(cfg, self.max_rows)
+        self._no_prev = jax.device_put(np.zeros(self.max_rows, np.int32))
+
+    # ------------------------------------------------------------------ buckets
+    def decode_rows(self, n: int) -> int:
+        return pow_bucket(n, 2, self.max_rows, 4)
+
+    def prefill_rows_for(self, n: int) -> int:
+        return 1 if n == 1 else self.prefill_rows
+
+    def tokens(self, n: int) -> int:
+        return pow_bucket(n, PREFILL_TOKENS_MIN, self.max_prefill_tokens, 4)
+
+    def width(self, n_blocks: int) -> int:
+        """Block-table width: the batch's longest table, bucketed, so attention reads what the history needs."""
+        return pow_bucket(n_blocks, 4, self.table_width, 4)
+
+    def shapes(self) -> list[tuple]:
+        """Every (kind, rows, tokens, width) a step can take."""
+        widths = _ladder(4, self.table_width, 4)
+        dec = [("decode", r, 1, w) for r, w in itertools.product(_ladder(2, self.max_rows, 4), widths)]
+        rows = sorted({1, self.prefill_rows})
+        pre = [("prefill", r, t, w) for r, t, w in itertools.product(
+            rows, _ladder(PREFILL_TOKENS_MIN, self.max_prefill_tokens, 4), widths)]
+        return dec + pre
+
+    # ------------------------------------------------------------------ batches
+    def _pack(self, rows, reqs, T: int, width: int, spans, srcs, stops):
+        """Two arrays for a step of `rows` rows: ints (tokens, stop ids, fields, table) and floats."""
+        tokens = np.zeros((rows, T), np.int32)
+        stop = np.full((rows, NUM_STOP), -1, np.int32)
+        fields = np.zeros((rows, len(INT_FIELDS)), np.int64)
+        fields[:, INT_FIELDS.index("src")] = -1
+        table = np.zeros((rows, width), np.int32)
+        floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
+        floats[:, 1] = 1.0  # top_p
+        for i, r in enumerate(reqs):
+            s, e = spans[i]
+            tokens[i, :e - s] = r.tokens(s, e) if T > 1 or srcs[i] < 0 else 0
+            ids = stops[i][:NUM_STOP]
+            stop[i, :len(ids)] = ids
+            sp = r.sp
+            fields[i] = (s, e - s, r.pending.slot, sp.top_k, _seed(r), len(r.generated) + r.inflight, srcs[i])
+            floats[i] = (sp.temperature, sp.top_p, sp.min_p)
+            table[i, :len(r.pending.blocks)] = r.pending.blocks
+        return pack_rows(tokens, stop, fields, table), floats
+
+    def prefill(self, reqs, spans):
+        """Dispatch one chunked-prefill step: reqs[i] computes its tokens spans[i] = (start, end)."""
+        rows = self.prefill_rows_for(len(reqs))
+        T = self.tokens(max(e - s for s, e in spans))
+        width = self.width(max(len(r.pending.blocks) for r in reqs))
+        ints, floats = self._pack(rows, reqs, T, width, spans, [-1] * len(reqs), [()] * len(reqs))
+        out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, T=T)
+        return out
+
+    def decode(self, reqs, srcs, stops, prev=None):
+        """Dispatch one decode step. srcs[i] >= 0: the row's input token is prev.token[srcs[i]] (on the device),
+        else its last generated token; stops[i]: ids that, coming from prev, are not fed."""
+        rows = self.decode_rows(len(reqs))
+        width = self.width(max(len(r.pending.blocks) for r in reqs))
+        spans = [(r.num_computed, r.num_computed + 1) for r in reqs]
+        ints, floats = self._pack(rows, reqs, 1, width, spans, srcs, stops)
+        for i, r in enumerate(reqs):
+            if srcs[i] < 0:
+                ints[i, 0] = r.generated[-1]
+        prev_tok = prev.token if prev is not None else self._no_prev
+        out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, prev_tok)
+        return out
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, progress: bool = True) -> dict:
+        """Compile every step shape (on scratch rows: slot 0, block 0, length 0). Returns counts and seconds."""
+        shapes = self.shapes()
+        t0 = time.perf_counter()
+        bar = _progress(len(shapes), progress)
+        for kind, rows, T, width in shapes:
+            ints = np.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + width), np.int32)
+            ints[:, T + NUM_STOP + INT_FIELDS.index("src")] = -1
+            floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
+            if kind == "decode":
+                out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, self._no_prev)
+            else:
+                out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, T=T)
+            jax.block_until_ready(out.token)
+            bar.update(1)
+        bar.close()
+        secs = time.perf_counter() - t0
+        log.info("warm-up: %d step programs ready in %.1fs", len(shapes), secs)
+        return {"programs": len(shapes), "seconds": secs}
+
+
+def _seed(r) -> int:
+    if r.sp.seed is not None:
+        return int(r.sp.seed) % (2 ** 32)
+    return hash(r.rid) % (2 ** 32)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="compiling step programs", unit="program", disable=not enabled, leave=False)

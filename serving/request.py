@@ -1,0 +1,125 @@
+"""A request's data: its sampling parameters, its state inside the engine, and what it hands back."""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+
+from hybrid_jax import ledger as L
+from serving.errors import BadRequest
+from serving.tokenizer import IncrementalDecoder
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @classmethod
+    def create(cls, **kw) -> "SamplingParams":
+        unknown = set(kw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise BadRequest(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        kw = {k: v for k, v in kw.items() if v is not None or k == "seed"}
+        stop = kw.get("stop", ())
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("stop must be a non-empty string or a list of them", param="stop")
+        kw["stop"] = tuple(stop)
+        kw["stop_token_ids"] = tuple(int(t) for t in kw.get("stop_token_ids", ()) or ())
+        p = cls(**kw)
+        checks = [(isinstance(p.max_tokens, int) and p.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+                  (0.0 <= p.temperature <= 2.0, "temperature must be in [0, 2]"),
+                  (0.0 < p.top_p <= 1.0, "top_p must be in (0, 1]"),
+                  (p.top_k == -1 or p.top_k >= 1, "top_k must be -1 (off) or >= 1"),
+                  (0.0 <= p.min_p <= 1.0, "min_p must be in [0, 1]"),
+                  (0 <= p.top_logprobs <= 5, "top_logprobs must be in [0, 5]")]
+        for ok, msg in checks:
+            if not ok:
+                raise BadRequest(msg, param=msg.split()[0])
+        return p
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+@dataclasses.dataclass
+class StreamDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclasses.dataclass
+class ChatResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    rid: str
+    prompt_ids: list[int]
+    sp: SamplingParams
+    key: tuple | None = None                 # (cache_salt, conversation_id)
+    new_messages: list[dict] | None = None   # committed messages of this turn on success
+    new_seen: list[dict] | None = None       # the same, as the client saw them
+    drop_committed: bool = False             # history disagreed with the ledger: recompute, do not attach
+    raw_turn: bool = False                   # a raw completion turn: commits no assistant message
+    pending: L.Pending | None = None
+    attached: int = 0
+    num_computed: int = 0                     # tokens fed to the device (dispatched steps included)
+    inflight: int = 0                         # decode steps dispatched whose token was not read yet
+    preemptions: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""                            # streamed so far
+    raw: str = ""                             # decoded so far (may run past a stop string)
+    logprobs: list[TokenLogprob] | None = None
+    decoder: IncrementalDecoder | None = None
+    aborted: bool = False
+    t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    t_last: float = 0.0
+    out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    admitted: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: ChatResult | None = None
+
+    @property
+    def fed_target(self) -> int:
+        """Tokens that must be in the state before the next decode step: the prompt and every generated token
+        but the last (the next decode step feeds that one)."""
+        return len(self.prompt_ids) + max(len(self.generated) - 1, 0)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.fed_target
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of prompt + generated (a preempted request recomputes its generated tokens)."""
+        n = len(self.prompt_ids)
+        return (self.prompt_ids[start:end] if end <= n
+                else self.prompt_ids[start:] + self.generated[max(start - n, 0):end - n])
+
+

@@ -1,0 +1,139 @@
+"""The scheduler: admission (steps 3 and 4), the rows of each step, growth of running requests and preemption.
+
+Requests wait in arrival order and run up to max_num_seqs at once. A running request whose next token finds no
+free KV block (after least recently used committed turns were evicted) preempts the youngest running request:
+its state is released and it goes back to the head of the queue with the tokens it generated so far, which it
+recomputes when it is admitted again. No request ends early for lack of cache.
+"""
+from __future__ import annotations
+
+from hybrid_jax import ledger as L
+from hybrid_jax.fused import NUM_STOP
+from serving.cache_manager import OutOfCache
+from serving.request import Request
+
+
+MIN_CHUNK = 16
+
+
+class NeedSync(Exception):
+    """A decode step cannot be planned ahead of the previous step's tokens (preemption needs them)."""
+
+
+class Scheduler:
+    def __init__(self, caches, output, *, max_num_seqs: int, max_prefill_tokens: int, max_prefill_rows: int,
+                 max_num_batched_tokens: int, block_size: int, ahead: bool, counters: dict):
+        self.caches, self.output = caches, output
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.max_prefill_rows, self.block_size = max_prefill_rows, block_size
+        self.ahead, self.counters = ahead, counters
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    def busy_keys(self) -> set:
+        return {r.key for r in self.running if r.key is not None}
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, fail) -> None:
+        """Attach waiting requests in order while there is room; fail(req, msg) ends one that can never fit."""
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            self.caches.busy = self.busy_keys()
+            try:
+                # A new request feeds its prompt; a preempted one also the generated tokens (the last by decode).
+                feed = req.fed_target + (1 if req.generated else 0)
+                pending = self.caches.attach(req.key, feed, req.drop_committed)
+            except OutOfCache as e:
+                if self.running:
+                    return  # wait for running requests to free their state
+                self.waiting.pop(0)
+                fail(req, f"the cache pool is too small for this request: {e}")
+                continue
+            self.waiting.pop(0)
+            req.drop_committed = False
+            req.pending, req.num_computed = pending, pending.attached
+            if req.preemptions == 0:
+                req.attached = pending.attached
+                if req.key is not None:
+                    self.counters["hits" if pending.attached > 0 else "misses"] += 1
+                self.counters["prompt_tokens"] += len(req.prompt_ids)
+                self.counters["cached_prompt_tokens"] += pending.attached
+            req.admitted.set()
+            self.running.append(req)
+
+    # ------------------------------------------------------------------ decode rows
+    def stop_list(self, r: Request) -> list[int]:
+        return sorted(self.output.stop_ids(r))
+
+    def can_run_ahead(self, r: Request) -> bool:
+        """Whether r's next token may be fed from the device before the host has read it."""
+        return self.ahead and len(self.stop_list(r)) <= NUM_STOP
+
+    def decode_rows(self, prev_rows: dict) -> list[tuple[Request, int]]:
+        """(request, src) for the next decode step; src indexes the previous step's rows (prev_rows: request ->
+        row) when the request's input token is still on the device, else -1. Reserves each row's next block;
+        raises NeedSync when a preemption is needed while a step is in flight."""
+        rows = []
+        for r in list(self.running):
+            if r not in self.running or r.in_prefill or not r.generated or r.done.is_set():
+                continue
+            if r.inflight and not (r in prev_rows and self.can_run_ahead(r)):
+                continue
+            if self.output.at_length(r, len(r.generated) + r.inflight):
+                continue
+            if not self._grow(r, r.num_computed + 1, sync_first=bool(prev_rows)):
+                continue  # r itself was preempted
+            rows.append((r, prev_rows[r] if r.inflight else -1))
+        return [(r, s) for r, s in rows if r in self.running]
+
+    def _grow(self, r: Request, total: int, sync_first: bool) -> bool:
+        while True:
+            self.caches.busy = self.busy_keys()
+            try:
+                r.pending = self.caches.reserve(r.pending, total, keep=r.key)
+                return True
+            except L.OutOfBlocks:
+                if sync_first:
+                    raise NeedSync()
+                victim = max(self.running, key=lambda x: x.t_arrival)
+                self.preempt(victim)
+                if victim is r:
+                    return False
+
+    def preempt(self, r: Request) -> None:
+        """Free r's state and requeue it first; it recomputes prompt + generated tokens when readmitted."""
+        self.running.remove(r)
+        self.caches.release(r.pending)
+        r.pending, r.num_computed, r.inflight = None, 0, 0
+        r.preemptions += 1
+        self.counters["preemptions"] += 1
+        self.waiting.insert(0, r)
+
+    # ------------------------------------------------------------------ prefill rows
+    def prefill_rows(self, decoding: int = 0) -> list[tuple[Request, int, int]]:
+        """(request, start, end) chunks for one prefill step. While `decoding` rows run, the chunks share a
+        budget of max_num_batched_tokens tokens with them, so a long prompt cannot stall the streams; at least
+        one small chunk always runs, so prompts progress."""
+        budget = self.max_num_batched_tokens - decoding if decoding else None
+        out = []
+        for r in self.running:
+            if len(out) == self.max_prefill_rows or (budget is not None and budget <= 0 and out):
+                break
+            if r.in_prefill:
+                s = r.num_computed
+                cap = self.max_prefill_tokens if budget is None else max(min(self.max_prefill_tokens, budget),
+                                                                         MIN_CHUNK)
+                e = self._chunk_end(s, min(r.fed_target, s + cap))
+                out.append((r, s, e))
+                if budget is not None:
+                    budget -= e - s
+        return out
+
+    def _chunk_end(self, start: int, end: int) -> int:
+        if self.caches.mode == "align":
+            # Block-aligned engines keep hybrid state only at block boundaries: stop each chunk at one.
+            boundary = (end // self.block_size) * self.block_size
+            if boundary > start:
+                end = boundary
+        return end
