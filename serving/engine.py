@@ -28,20 +28,19 @@ from hybrid_jax import ledger as L
 from hybrid_jax.memory import device_memory_bytes, param_bytes, parse_bytes, plan_cache
 from hybrid_jax.stack import stack_layers
 from serving.cache_manager import CacheManager
-from serving.conversations import Conversation, ConversationLedger
+from serving.conversations import ConversationLedger
 from serving.errors import BadRequest, Overloaded, PromptTooLong
 from serving.model_runner import ModelRunner
 from serving.output_processor import OutputProcessor
 from serving.request import ChatResult, Request, SamplingParams, StreamDelta, TokenLogprob
 from serving.scheduler import NeedSync, Scheduler
-from serving.tokenizer import IncrementalDecoder, load_tokenizer, render_continuation
+from serving.tokenizer import IncrementalDecoder, load_tokenizer
+from serving.turns import conversation_key, conversation_request, validate_messages
 
 log = logging.getLogger("serving.engine")
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 CACHE_MODES = ("exact", "align", "none")
-ROLES = ("system", "user", "assistant", "developer", "tool")
-_MAX_ID_LEN = 256
 __all__ = ["CACHE_MODES", "ChatResult", "Engine", "RequestHandle", "SamplingParams", "StreamDelta", "TokenLogprob"]
 
 
@@ -175,14 +174,14 @@ class Engine:
 
     def chat_stream(self, messages, conversation_id=None, cache_salt=None, **sampling) -> RequestHandle:
         sp = SamplingParams.create(**sampling)
-        msgs = _validate_messages(messages)
+        msgs = validate_messages(messages)
         if conversation_id is None:
             ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
             return self._submit(Request(self._rid("chatcmpl"), list(ids), sp))
-        key = _conversation_key(conversation_id, cache_salt)
+        key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
-            req = self._conversation_request(key, conv, msgs, sp)
+            req = conversation_request(self.tokenizer, self._rid("chatcmpl"), key, conv, msgs, sp)
             return self._submit(req)
         except BaseException:
             self.conversations.finish(key, ok=False)
@@ -208,7 +207,7 @@ class Engine:
             raise BadRequest("prompt is empty", param="prompt")
         if conversation_id is None:
             return self._submit(Request(self._rid("cmpl"), ids, sp))
-        key = _conversation_key(conversation_id, cache_salt)
+        key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
             prior = conv.ids if conv is not None else []
@@ -220,7 +219,7 @@ class Engine:
             raise
 
     def get_conversation(self, conversation_id, cache_salt=None) -> dict | None:
-        key = _conversation_key(conversation_id, cache_salt)
+        key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.get(key)
         if conv is None:
             return None
@@ -230,7 +229,7 @@ class Engine:
                 "messages": len(conv.messages)}
 
     def delete_conversation(self, conversation_id, cache_salt=None) -> bool:
-        key = _conversation_key(conversation_id, cache_salt)
+        key = conversation_key(conversation_id, cache_salt)
         if not self.conversations.delete(key):
             return False
         self._call(lambda: self.caches.drop(key))
@@ -257,36 +256,6 @@ class Engine:
     # ---------------------------------------------------------------- request building
     def _rid(self, prefix):
         return f"{prefix}-{next(self._ids):08d}{os.getpid() % 10000:04d}"
-
-    def _conversation_request(self, key, conv: Conversation | None, msgs, sp) -> Request:
-        tok = self.tokenizer
-        drop = False
-        if conv is None:
-            new_msgs, all_msgs = msgs, msgs
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        else:
-            k = len(conv.messages)
-            if msgs[:k] == conv.messages or msgs[:k] == conv.seen:  # the client resent the whole history
-                new_msgs = msgs[k:]
-            elif msgs[0] == conv.messages[0] and len(msgs) > 1:
-                new_msgs = None                    # an edited or truncated history: a miss
-            else:
-                new_msgs = msgs
-            cont = None
-            if new_msgs:
-                cont = render_continuation(tok, conv.messages, new_msgs, committed_ids=conv.ids)
-            if cont is None:
-                all_msgs = msgs if new_msgs is None or not new_msgs else conv.messages + new_msgs
-                if new_msgs is not None and not new_msgs:
-                    raise BadRequest("no new messages after the committed history", param="messages")
-                ids = tok.apply_chat_template(all_msgs, add_generation_prompt=True, tokenize=True)
-                drop = True
-            else:
-                all_msgs = conv.messages + new_msgs
-                ids = list(conv.ids) + list(cont)
-        seen = None if conv is None or drop else (conv.seen or conv.messages) + (new_msgs or [])
-        return Request(self._rid("chatcmpl"), list(ids), sp, key=key, new_messages=list(all_msgs),
-                        new_seen=seen, drop_committed=drop)
 
     def _submit(self, req: Request) -> RequestHandle:
         n = len(req.prompt_ids)
@@ -486,41 +455,3 @@ class Engine:
             self.conversations.finish(r.key, True, msgs, list(r.prompt_ids) + list(body), seen)
         else:
             self.conversations.finish(r.key, False)
-
-
-def _conversation_key(conversation_id, cache_salt):
-    if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > _MAX_ID_LEN:
-        raise BadRequest(f"conversation_id must be a non-empty string of at most {_MAX_ID_LEN} characters",
-                         param="conversation_id")
-    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
-                                   or len(cache_salt) > _MAX_ID_LEN):
-        raise BadRequest(f"cache_salt must be a non-empty string of at most {_MAX_ID_LEN} characters",
-                         param="cache_salt")
-    return (cache_salt, conversation_id)
-
-
-def _validate_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise BadRequest(f"messages[{i}] must be an object with a role", param=f"messages[{i}]")
-        role = m["role"]
-        if role not in ROLES:
-            raise BadRequest(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}",
-                             param=f"messages[{i}].role")
-        content = m.get("content", "")
-        if isinstance(content, list):
-            parts = []
-            for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                    raise BadRequest(f"messages[{i}].content parts must be text parts", param=f"messages[{i}]")
-                parts.append(p["text"])
-            content = "".join(parts)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string", param=f"messages[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
