@@ -49,6 +49,7 @@ class Pending:
     slot: int
     snap_slot: int = NULL_SLOT  # align mode: state at the last block boundary reached
     snap_len: int = 0
+    source: Hashable | None = None  # the committed turn it attached
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -138,10 +139,36 @@ def attach(ledger: Ledger, cache: Cache, key: Hashable | None, *, snapshot: bool
         cache = _copy_block(cache, _ids(turn.blocks[n_full]), _ids(tail))
         blocks.append(tail)
     cache = _copy_slot(cache, _ids(turn.slot), _ids(slot))
-    pending = Pending(key, turn.length, tuple(blocks), n_full, slot, snap, turn.length if snapshot else 0)
+    pending = Pending(key, turn.length, tuple(blocks), n_full, slot, snap, turn.length if snapshot else 0, key)
     if snapshot:
         cache = _copy_slot(cache, _ids(turn.slot), _ids(snap))
     return ledger._with(refcount=rc, slots=slots), cache, pending
+
+
+def fork(ledger: Ledger, cache: Cache, pending: Pending, length: int, key: Hashable):
+    """Publish the request's state at `length` (where it stands now) as committed turn `key`, while the request
+    goes on: its full blocks are shared (refcount + 1), its tail block and its slot are copied into a block and a
+    slot of the new turn. Returns (ledger, cache); raises OutOfBlocks/OutOfSlots with nothing changed."""
+    rc, slots = ledger.refcount.copy(), ledger.slots.copy()
+    slot = _alloc_slot(slots)
+    slots[slot] = SLOT_COMMITTED
+    n_full = length // ledger.block_size
+    blocks = list(pending.blocks[:n_full])
+    tail = _alloc_blocks(rc, 1) if length % ledger.block_size else []
+    rc[blocks] += 1
+    if tail:
+        cache = _copy_block(cache, _ids(pending.blocks[n_full]), _ids(tail[0]))
+    cache = _copy_slot(cache, _ids(pending.slot), _ids(slot))
+    turns = dict(ledger.turns)
+    turns[key] = Turn(length, tuple(blocks + tail), slot, ledger.clock + 1)
+    return ledger._with(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1), cache
+
+
+def touch(ledger: Ledger, key: Hashable) -> Ledger:
+    """Mark a committed turn as just used (LRU)."""
+    turns = dict(ledger.turns)
+    turns[key] = dataclasses.replace(turns[key], last_used=ledger.clock + 1)
+    return ledger._with(turns=turns, clock=ledger.clock + 1)
 
 
 def reserve(ledger: Ledger, pending: Pending, total_len: int) -> tuple[Ledger, Pending]:

@@ -1,8 +1,11 @@
-"""The cache's lookup and commit: the device cache, its ledger and the host-memory tier, owned by the loop thread.
+"""The cache's lookup and commit: the device cache, its ledger, the checkpoint index and the host-memory tier,
+owned by the loop thread.
 
-Step 4 (attach the committed state of a conversation, or start fresh), growth of a running request (reserve),
-step 7 (commit on success, release on failure), and eviction of least recently used committed turns to the host
-tier when the pool runs out (I7), with their return on the next hit.
+Step 4 (attach the deepest committed checkpoint whose tokens begin the request's, or start fresh), growth of a
+running request (reserve), checkpoints published mid-prompt at a message boundary (fork), step 7 (commit a
+checkpoint at the end of a turn on success, release on failure), and eviction of least recently used
+checkpoints (anonymous and intermediate ones before conversation heads) to the host tier when the pool runs out
+(I7), with their return on the next hit.
 """
 from __future__ import annotations
 
@@ -15,9 +18,11 @@ import numpy as np
 from hybrid_jax import ledger as L
 from hybrid_jax import offload
 from hybrid_jax.cache import init_cache
+from serving.checkpoints import Checkpoint, CheckpointIndex, digest
 
 log = logging.getLogger("serving.cache")
 OutOfCache = (L.OutOfBlocks, L.OutOfSlots)
+MISS_CAUSES = ("no_checkpoint", "evicted", "not_prefix")
 
 
 class CacheManager:
@@ -33,7 +38,8 @@ class CacheManager:
         self.host: collections.OrderedDict = collections.OrderedDict()
         self.host_bytes = 0
         self.counters = counters
-        self.busy: set = set()   # conversation keys with a turn in flight: never evicted
+        self.index = CheckpointIndex()
+        self.lost_heads: set = set()   # conversations whose head was evicted for good (miss cause)
 
     def reset(self):
         """A failed step lost the donated cache: start over empty (conversations recompute their next turn)."""
@@ -42,62 +48,108 @@ class CacheManager:
         self.ledger = L.new_ledger(self.plan.num_blocks, self.plan.num_slots, self.block_size)
         self.host.clear()
         self.host_bytes = 0
+        self.index = CheckpointIndex()
 
     # ------------------------------------------------------------------ step 4
-    def attach(self, key, prompt_len: int, drop_committed: bool) -> L.Pending:
-        """Attach `key`'s committed turn (or a fresh state) and reserve blocks for prompt_len tokens.
-
-        Raises OutOfBlocks/OutOfSlots with nothing changed when even eviction cannot make room."""
-        if drop_committed and key is not None:
-            self.drop(key)
-        if self.mode == "none":
-            key = None
+    def attach(self, salt, feed_T: np.ndarray, key=None, count: bool = True) -> L.Pending:
+        """Attach the deepest checkpoint under salt whose tokens begin feed_T (leaving at least its last token to
+        compute), or a fresh state, and reserve blocks for all of feed_T. Counts the hit or the miss and its
+        cause. Raises OutOfBlocks/OutOfSlots with nothing changed when even eviction cannot make room."""
+        cid = self.index.lookup(salt, feed_T, limit=len(feed_T)) if self.mode != "none" else None
+        if cid is not None and self.index.meta[cid].on_host:
+            if not self._restore_from_host(cid):
+                cid = None
+        if count:
+            self._count(cid, salt, key)
         align = self.mode == "align"
-        if key is not None:
-            self._restore_from_host(key)
         self.ledger, self.cache, pending = self._with_eviction(
-            lambda: L.attach(self.ledger, self.cache, key, snapshot=align), keep=key)
-        if pending.attached >= prompt_len:
-            # The last prompt token must run to give the first logits; nothing to reuse then.
-            self.ledger = L.release(self.ledger, pending)
-            self.ledger, self.cache, pending = L.attach(self.ledger, self.cache, None, snapshot=align)
+            lambda: L.attach(self.ledger, self.cache, cid, snapshot=align), keep={cid})
         try:
-            return self.reserve(pending, prompt_len, keep=key)
+            return self.reserve(pending, len(feed_T), keep={cid})
         except L.OutOfBlocks:
             self.ledger = L.release(self.ledger, pending)
             raise
 
-    def reserve(self, pending: L.Pending, total_len: int, keep=None) -> L.Pending:
+    def _count(self, cid, salt, key) -> None:
+        if cid is not None:
+            self.counters["hits"] += 1
+            return
+        self.counters["misses"] += 1
+        cause = ("evicted" if key is not None and key in self.lost_heads
+                 else "not_prefix" if self.index.has_salt(salt) else "no_checkpoint")
+        self.counters["miss_" + cause] += 1
+
+    def reserve(self, pending: L.Pending, total_len: int, keep=frozenset()) -> L.Pending:
         self.ledger, pending = self._with_eviction(lambda: L.reserve(self.ledger, pending, total_len), keep=keep)
         return pending
+
+    # ------------------------------------------------------------------ checkpoints (steps 6 and 7)
+    def fork(self, pending: L.Pending, salt, tokens_T: np.ndarray, owner) -> None:
+        """Publish the request's state at len(tokens_T) (where it stands) as an intermediate checkpoint, if there
+        is room: a message boundary that a re-rendered history will still share."""
+        if self.index.duplicate(salt, tokens_T) is not None:
+            return
+        cid = self.index.new_id()
+        try:
+            self.ledger, self.cache = self._with_eviction(
+                lambda: L.fork(self.ledger, self.cache, pending, len(tokens_T), cid))
+        except OutOfCache:
+            return
+        self.index.add(Checkpoint(cid, salt, tokens_T, digest(tokens_T), owner, boundary=True))
+
+    def commit(self, pending: L.Pending, ok: bool, salt, tokens_T: np.ndarray, owner) -> None:
+        """Step 7: on success the request's state after tokens_T becomes a checkpoint (the owner's head);
+        on failure, without a cache, or when the very same checkpoint exists, the request's state is released."""
+        n = len(tokens_T)
+        if ok and pending.source in self.ledger.turns:
+            self.ledger = L.touch(self.ledger, pending.source)  # used: it stays longer (LRU)
+        same = self.index.duplicate(salt, tokens_T) if ok and n else None
+        if not ok or self.mode == "none" or n == 0 or same is not None:
+            self.ledger = L.release(self.ledger, pending)
+            if same is not None:
+                self._make_head(owner, same)
+            return
+        cid = self.index.new_id()
+        pending = dataclasses.replace(pending, key=cid)
+        self.ledger = L.commit(self.ledger, pending, True, n, use_snapshot=self.mode == "align")
+        self.index.add(Checkpoint(cid, salt, tokens_T, digest(tokens_T), owner))
+        self._make_head(owner, cid)
+
+    def _make_head(self, owner, cid: int) -> None:
+        if owner is not None:
+            self.index.set_head(owner, cid)
+            self.lost_heads.discard(owner)
+        if not self.index.meta[cid].on_host:
+            self.ledger = L.touch(self.ledger, cid)
+
+    def release(self, pending: L.Pending) -> None:
+        self.ledger = L.release(self.ledger, pending)
 
     def snapshot(self, pending: L.Pending, length: int) -> L.Pending:
         """Align mode: keep the state at a block boundary in the request's snapshot slot."""
         self.cache = L._copy_slot(self.cache, L._ids(pending.slot), L._ids(pending.snap_slot))
         return dataclasses.replace(pending, snap_len=length)
 
-    # ------------------------------------------------------------------ step 7
-    def finish(self, pending: L.Pending, key, ok: bool, length: int) -> None:
-        """Commit the request's state at `length` as key's turn (ok) or release it (failure, no key, mode none)."""
-        if self.mode == "none" or key is None:
-            self.ledger = L.release(self.ledger, pending)
-        elif self.mode == "align":
-            self.ledger = L.commit(self.ledger, pending, ok, pending.snap_len, use_snapshot=True)
-        else:
-            self.ledger = L.commit(self.ledger, pending, ok, length)
+    def drop_conversation(self, key) -> None:
+        """Forget every checkpoint `key` committed, on the device and in the host tier, and its head."""
+        for cid in self.index.owned_by(key):
+            self._forget(cid)
+        self.index.drop_head(key)
+        self.lost_heads.discard(key)
 
-    def release(self, pending: L.Pending) -> None:
-        self.ledger = L.release(self.ledger, pending)
+    def _forget(self, cid: int) -> None:
+        self.ledger = L.evict(self.ledger, cid)
+        self._drop_host(cid)
+        self.index.remove(cid)
 
-    def drop(self, key) -> None:
-        """Forget key's committed state on the device and in the host tier."""
-        self.ledger = L.evict(self.ledger, key)
-        self._drop_host(key)
+    def head_length(self, key) -> int:
+        cid = self.index.heads.get(key)
+        return self.index.meta[cid].length if cid is not None else 0
 
     # ------------------------------------------------------------------ eviction and the host tier (I7)
-    def _with_eviction(self, op, keep=None):
-        """Run a ledger operation, evicting least recently used committed turns (never `keep`'s or a busy
-        conversation's) until it fits. Operations raise before touching anything, so a retry starts clean."""
+    def _with_eviction(self, op, keep=frozenset()):
+        """Run a ledger operation, evicting checkpoints (never those in `keep`) until it fits. Operations raise
+        before touching anything, so a retry starts clean."""
         while True:
             try:
                 return op()
@@ -105,39 +157,55 @@ class CacheManager:
                 if not self.evict_one(keep):
                     raise
 
-    def evict_one(self, keep=None) -> bool:
-        victim = L.lru_victim(self.ledger, exclude=self.busy | {keep})
-        if victim is None:
+    def evict_one(self, keep=frozenset()) -> bool:
+        """Move the checkpoint that matters least (see CheckpointIndex.eviction_rank) off the device: to the host
+        tier when it fits there, else forget it."""
+        cands = [(self.index.eviction_rank(cid, t.last_used), cid) for cid, t in self.ledger.turns.items()
+                 if cid not in keep]
+        if not cands:
             return False
-        if self.host_cache_bytes:
-            host = offload.to_host(self.cache, self.ledger.turns[victim])
-            if host.nbytes <= self.host_cache_bytes:
-                self.host[victim] = host
-                self.host_bytes += host.nbytes
-                self.counters["offloads"] += 1
-                while self.host_bytes > self.host_cache_bytes:  # oldest host copies go first
-                    self.host_bytes -= self.host.popitem(last=False)[1].nbytes
+        victim = min(cands)[1]
+        ck = self.index.meta[victim]
+        host = offload.to_host(self.cache, self.ledger.turns[victim]) if self.host_cache_bytes else None
         self.ledger = L.evict(self.ledger, victim)
         self.counters["evictions"] += 1
+        if host is not None and host.nbytes <= self.host_cache_bytes:
+            self.host[victim] = host
+            self.host_bytes += host.nbytes
+            ck.on_host = True
+            self.counters["offloads"] += 1
+            while self.host_bytes > self.host_cache_bytes:  # oldest host copies go first
+                old, h = self.host.popitem(last=False)
+                self.host_bytes -= h.nbytes
+                self._lost(old)
+        else:
+            self._lost(victim)
         return True
 
-    def _drop_host(self, key):
-        host = self.host.pop(key, None)
+    def _lost(self, cid: int) -> None:
+        for key, c in list(self.index.heads.items()):
+            if c == cid:
+                self.lost_heads.add(key)
+        self.index.remove(cid)
+
+    def _drop_host(self, cid):
+        host = self.host.pop(cid, None)
         if host is not None:
             self.host_bytes -= host.nbytes
         return host
 
-    def _restore_from_host(self, key):
-        """Bring an offloaded committed turn back to the device (a hit without recompute)."""
-        host = self._drop_host(key)
-        if host is None or key in self.ledger.turns:
-            return
+    def _restore_from_host(self, cid) -> bool:
+        """Bring an offloaded checkpoint back to the device (a hit without recompute)."""
+        host = self._drop_host(cid)
         try:
             self.ledger, self.cache = self._with_eviction(
-                lambda: offload.from_host(self.ledger, self.cache, key, host), keep=key)
-            self.counters["host_restores"] += 1
+                lambda: offload.from_host(self.ledger, self.cache, cid, host), keep={cid})
         except OutOfCache:
-            pass  # no room even after eviction: the turn recomputes
+            self._lost(cid)  # no room even after eviction: the turn recomputes
+            return False
+        self.index.meta[cid].on_host = False
+        self.counters["host_restores"] += 1
+        return True
 
     def warmup(self) -> dict:
         """Compile the cache's own programs: tail-block and slot copies, and the host tier's moves for every
@@ -162,5 +230,6 @@ class CacheManager:
         led = self.ledger
         nb, ns = len(led.refcount) - 1, len(led.slots) - 1
         return dict(kv_blocks_total=nb, kv_blocks_used=nb - led.free_blocks, slots_total=ns,
-                    slots_used=ns - led.free_slots, conversations=len(led.turns), host_conversations=len(self.host),
+                    slots_used=ns - led.free_slots, checkpoints=len(led.turns), host_checkpoints=len(self.host),
+                    heads=len(self.index.heads),
                     host_cache_bytes=self.host_bytes, cache_bytes=self.plan.total_bytes)

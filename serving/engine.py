@@ -27,7 +27,7 @@ import hybrid_jax
 from hybrid_jax import ledger as L
 from hybrid_jax.memory import device_memory_bytes, param_bytes, parse_bytes, plan_cache
 from hybrid_jax.stack import stack_layers
-from serving.cache_manager import CacheManager
+from serving.cache_manager import MISS_CAUSES, CacheManager
 from serving.conversations import ConversationLedger
 from serving.errors import BadRequest, Overloaded, PromptTooLong
 from serving.model_runner import ModelRunner
@@ -35,7 +35,7 @@ from serving.output_processor import OutputProcessor
 from serving.request import ChatResult, Request, SamplingParams, StreamDelta, TokenLogprob
 from serving.scheduler import NeedSync, Scheduler
 from serving.tokenizer import IncrementalDecoder, load_tokenizer
-from serving.turns import conversation_key, conversation_request, validate_messages
+from serving.turns import chat_request, conversation_key, conversation_request, validate_messages, validate_salt
 
 log = logging.getLogger("serving.engine")
 
@@ -114,7 +114,8 @@ class Engine:
                                num_blocks=num_blocks, num_slots=num_slots)
         log.info("cache plan: %s", self.plan.describe())
         self._counters = dict(prompt_tokens=0, cached_prompt_tokens=0, generation_tokens=0, hits=0, misses=0,
-                              evictions=0, offloads=0, host_restores=0, requests_finished=0, preemptions=0)
+                              evictions=0, offloads=0, host_restores=0, requests_finished=0, preemptions=0,
+                              **{"miss_" + c: 0 for c in MISS_CAUSES})
         table_width = L.blocks_for(self.max_model_len, self.block_size)
         self.caches = CacheManager(cfg, self.plan, dtype, cache_mode, parse_bytes(host_cache_memory) or 0,
                                    self._counters, table_width)
@@ -176,8 +177,8 @@ class Engine:
         sp = SamplingParams.create(**sampling)
         msgs = validate_messages(messages)
         if conversation_id is None:
-            ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            return self._submit(Request(self._rid("chatcmpl"), list(ids), sp))
+            return self._submit(chat_request(self.tokenizer, self._rid("chatcmpl"), msgs, sp,
+                                             validate_salt(cache_salt)))
         key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
@@ -206,13 +207,14 @@ class Engine:
         if not ids:
             raise BadRequest("prompt is empty", param="prompt")
         if conversation_id is None:
-            return self._submit(Request(self._rid("cmpl"), ids, sp))
+            return self._submit(Request(self._rid("cmpl"), ids, sp, salt=validate_salt(cache_salt)))
         key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
             prior = conv.ids if conv is not None else []
             msgs = conv.messages if conv is not None else []
-            return self._submit(Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, new_messages=msgs,
+            return self._submit(Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, salt=key[0],
+                                        new_messages=msgs,
                                          raw_turn=True))
         except BaseException:
             self.conversations.finish(key, ok=False)
@@ -223,17 +225,29 @@ class Engine:
         conv = self.conversations.get(key)
         if conv is None:
             return None
-        turn = self.ledger.turns.get(key)
         return {"conversation_id": conversation_id, "turns": conv.turns, "tokens": len(conv.ids),
-                "cached_tokens": turn.length if turn else 0, "last_used": int(conv.last_used),
+                "cached_tokens": self._call(lambda: self.caches.head_length(key)), "last_used": int(conv.last_used),
                 "messages": len(conv.messages)}
 
+    def list_conversations(self, cache_salt=None) -> list[dict]:
+        """The conversations of one salt (as get_conversation describes them), most recently used first."""
+        salt = validate_salt(cache_salt)
+        keys = [k for k, _ in self.conversations.items() if k[0] == salt]
+        out = [self.get_conversation(k[1], salt) for k in keys]
+        return sorted((c for c in out if c is not None), key=lambda c: -c["last_used"])
+
     def delete_conversation(self, conversation_id, cache_salt=None) -> bool:
+        """Forget a conversation and every checkpoint it committed, atomically with respect to new turns: it
+        runs on the loop thread, so no request is admitted between the two, and once it returns no request
+        can attach the deleted state."""
         key = conversation_key(conversation_id, cache_salt)
-        if not self.conversations.delete(key):
-            return False
-        self._call(lambda: self.caches.drop(key))
-        return True
+
+        def delete() -> bool:
+            if not self.conversations.delete(key):
+                return False
+            self.caches.drop_conversation(key)
+            return True
+        return self._call(delete)
 
     def stats(self) -> dict:
         s = self.scheduler
@@ -388,6 +402,8 @@ class Engine:
         for i, (r, s, e) in enumerate(chunks):
             r.num_computed = e
             self._maybe_snapshot(r)
+            if e == r.boundary and self.cache_mode == "exact":
+                self.caches.fork(r.pending, r.salt, np.asarray(r.tokens(0, e), np.int32), r.key)
             if e == r.fed_target and not r.generated:
                 first.append(i)
         if first:
@@ -429,7 +445,8 @@ class Engine:
         if r in s.waiting:
             s.waiting.remove(r)
         if r.pending is not None:
-            self.caches.finish(r.pending, r.key, ok, r.num_computed)
+            n = r.pending.snap_len if self.cache_mode == "align" else r.num_computed
+            self.caches.commit(r.pending, ok, r.salt, np.asarray(r.tokens(0, n), np.int32), r.key)
             r.pending = None
         if r.key is not None:
             self._finish_conversation(r, ok)

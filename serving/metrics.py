@@ -42,8 +42,10 @@ _GAUGES = (
     ("kv_blocks_total", "kv_blocks_total", "KV cache blocks in the pool."),
     ("slots_used", "mamba_slots_used", "Mamba state slots in use (in-flight and committed conversations)."),
     ("slots_total", "mamba_slots_total", "Mamba state slots in the pool."),
-    ("conversations", "conversations_committed", "Conversations with a committed state in the device cache."),
-    ("host_conversations", "host_conversations", "Evicted conversations waiting in host memory."),
+    ("checkpoints", "checkpoints", "Committed checkpoints (exact states at token positions) in the device cache."),
+    ("host_checkpoints", "host_checkpoints", "Evicted checkpoints waiting in host memory."),
+    ("heads", "conversation_heads", "Named conversations whose head checkpoint is cached."),
+    ("cache_bytes", "cache_bytes", "Device bytes of the cache (KV blocks and Mamba state slots)."),
     ("host_cache_bytes", "host_cache_bytes", "Bytes of conversation state held in host memory."),
 )
 # Counters: monotonic totals kept by the engine (exposed with the `_total` suffix).
@@ -51,11 +53,15 @@ _COUNTERS = (
     ("prompt_tokens", "prompt_tokens", "Prompt tokens of admitted requests (cached ones included)."),
     ("cached_prompt_tokens", "cached_prompt_tokens", "Prompt tokens served from the conversation cache."),
     ("generation_tokens", "generation_tokens", "Generated tokens."),
-    ("hits", "conversation_hits", "Conversation turns that reused a committed state."),
-    ("misses", "conversation_misses", "Conversation turns that found no committed state."),
-    ("evictions", "conversation_evictions", "Committed conversation states evicted to make room."),
-    ("offloads", "conversation_offloads", "Evicted conversation states moved to host memory."),
-    ("host_restores", "conversation_host_restores", "Conversation states brought back from host memory."),
+    ("hits", "cache_hits", "Requests that attached a committed checkpoint."),
+    ("misses", "cache_misses", "Requests that found no checkpoint to attach (any cause)."),
+    ("miss_no_checkpoint", "cache_misses_no_checkpoint", "Misses: nothing committed under the request's salt."),
+    ("miss_evicted", "cache_misses_evicted", "Misses: the conversation's head checkpoint was evicted for good."),
+    ("miss_not_prefix", "cache_misses_not_prefix", "Misses: no checkpoint's tokens begin the request's prompt."),
+    ("evictions", "checkpoint_evictions", "Checkpoints evicted from the device cache to make room."),
+    ("offloads", "checkpoint_offloads", "Evicted checkpoints moved to host memory."),
+    ("host_restores", "checkpoint_host_restores", "Checkpoints brought back from host memory."),
+    ("preemptions", "preemptions", "Running requests preempted (state released, recomputed later) for room."),
     ("requests_finished", "requests_finished", "Requests finished by the engine (any reason)."),
 )
 

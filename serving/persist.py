@@ -1,12 +1,14 @@
 """Durable committed state: save on graceful shutdown, restore on start.
 
 Layout under the cache dir: `state-<n>/` (orbax-checkpoint arrays: the committed KV blocks and Mamba slots),
-`state-<n>.json` (ledger: conversations, turns and where their blocks and slots sit in the arrays) and `LATEST`
+`state-<n>.json` (the conversations, and the checkpoints: salt, token ids and their digest, owner, head, and where
+their blocks and slots sit in the arrays) and `LATEST`
 (the name of the last complete state). LATEST is replaced atomically only after both are fully written, so a
 crash mid-save leaves the previous good state (or none) to load.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -20,10 +22,11 @@ import orbax.checkpoint as ocp
 
 from hybrid_jax import ledger as L
 from hybrid_jax.cache import Cache, MambaState, PagedKV
+from serving.checkpoints import Checkpoint, digest
 from serving.conversations import Conversation
 
 log = logging.getLogger("serving.persist")
-FORMAT = 1
+FORMAT = 2
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -36,27 +39,30 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def save(engine, directory: str) -> str:
-    """Write the committed conversations of `engine`; returns the state name. Runs on the engine thread."""
+    """Write the committed conversations and device checkpoints of `engine`; returns the state name. Runs on the
+    engine thread."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     name = f"state-{time.time_ns()}"
-    turns = dict(engine.ledger.turns)
+    caches = engine.caches
+    turns = dict(caches.ledger.turns)
     blocks = sorted({b for t in turns.values() for b in t.blocks})
     slots = [t.slot for t in turns.values()]
     bpos = {b: i for i, b in enumerate(blocks)}
-    convs = []
-    for key, conv in engine.conversations.items():
-        t = turns.get(key)
-        convs.append({"salt": key[0], "id": key[1], "messages": conv.messages, "seen": conv.seen, "ids": conv.ids,
-                      "turns": conv.turns,
-                      "last_used": conv.last_used,
-                      "turn": None if t is None else {"length": t.length, "blocks": [bpos[b] for b in t.blocks],
-                                                      "slot": slots.index(t.slot)}})
+    ckpts = []
+    for i, (cid, t) in enumerate(turns.items()):
+        ck = caches.index.meta[cid]
+        ckpts.append({"cid": cid, "salt": ck.salt, "tokens": ck.tokens.tolist(), "digest": ck.digest.hex(),
+                      "owner": None if ck.owner is None else list(ck.owner), "boundary": ck.boundary,
+                      "blocks": [bpos[b] for b in t.blocks], "slot": i})
+    heads = [[k[0], k[1], cid] for k, cid in caches.index.heads.items() if cid in turns]
+    convs = [{"salt": key[0], "id": key[1], "messages": conv.messages, "seen": conv.seen, "ids": conv.ids,
+              "turns": conv.turns, "last_used": conv.last_used} for key, conv in engine.conversations.items()]
     meta = {"format": FORMAT, "model": engine.model_name, "block_size": engine.block_size,
             "cache_mode": engine.cache_mode, "num_blocks": len(blocks), "num_slots": len(slots),
-            "conversations": convs}
+            "conversations": convs, "checkpoints": ckpts, "heads": heads}
     if slots:
-        c = engine.cache
+        c = caches.cache
         b, s = jnp.asarray(blocks), jnp.asarray(slots)
         arrays = jax.device_get({"k": c.kv.k[:, b], "v": c.kv.v[:, b], "conv": c.mamba.conv[:, s],
                                  "ssm": c.mamba.ssm[:, s]})
@@ -69,8 +75,8 @@ def save(engine, directory: str) -> str:
     if previous and previous != name:
         shutil.rmtree(os.path.join(directory, previous), ignore_errors=True)
         _remove(os.path.join(directory, previous + ".json"))
-    log.info("saved %d conversations (%d KV blocks, %d slots) to %s", len(convs), len(blocks), len(slots),
-             directory)
+    log.info("saved %d conversations and %d checkpoints (%d KV blocks, %d slots) to %s", len(convs), len(ckpts),
+             len(blocks), len(slots), directory)
     return name
 
 
@@ -113,7 +119,8 @@ def load(engine, directory: str) -> bool:
 
 
 def _install(engine, meta: dict, arrays) -> None:
-    led = engine.ledger
+    caches = engine.caches
+    led = caches.ledger
     rc, slots = led.refcount.copy(), led.slots.copy()
     new_blocks = L._alloc_blocks(rc, meta["num_blocks"])
     new_slots = []
@@ -121,19 +128,35 @@ def _install(engine, meta: dict, arrays) -> None:
         s = L._alloc_slot(slots)
         slots[s] = L.SLOT_COMMITTED
         new_slots.append(s)
-    c = engine.cache
+    c = caches.cache
     if arrays is not None:
         b, s = jnp.asarray(new_blocks), jnp.asarray(new_slots)
         c = Cache(kv=PagedKV(k=c.kv.k.at[:, b].set(arrays["k"]), v=c.kv.v.at[:, b].set(arrays["v"])),
                   mamba=MambaState(conv=c.mamba.conv.at[:, s].set(arrays["conv"]),
                                    ssm=c.mamba.ssm.at[:, s].set(arrays["ssm"])))
-    turns = {}
     for conv in meta["conversations"]:
-        key = (conv["salt"], conv["id"])
-        engine.conversations.restore(key, Conversation(conv["messages"], conv["ids"], conv["turns"],
-                                                       conv["last_used"], seen=conv.get("seen")))
-        t = conv["turn"]
-        if t is not None:
-            turns[key] = L.Turn(t["length"], tuple(new_blocks[i] for i in t["blocks"]), new_slots[t["slot"]], 0)
-    engine.cache = c
-    engine.ledger = led._with(refcount=rc, slots=slots, turns=turns)
+        engine.conversations.restore((conv["salt"], conv["id"]), Conversation(
+            conv["messages"], conv["ids"], conv["turns"], conv["last_used"], seen=conv.get("seen")))
+    turns, cids = {}, {}
+    for ck in meta["checkpoints"]:
+        tokens = np.asarray(ck["tokens"], np.int32)
+        if digest(tokens).hex() != ck["digest"]:
+            log.warning("checkpoint %s: token digest mismatch; not restored", ck["cid"])
+            continue
+        cid = cids[ck["cid"]] = caches.index.new_id()
+        owner = None if ck["owner"] is None else tuple(ck["owner"])
+        caches.index.add(Checkpoint(cid, ck["salt"], tokens, digest(tokens), owner, boundary=ck["boundary"]))
+        turns[cid] = L.Turn(len(tokens), tuple(new_blocks[i] for i in ck["blocks"]), new_slots[ck["slot"]], 0)
+    for salt, conv_id, old in meta["heads"]:
+        if old in cids:
+            caches.index.set_head((salt, conv_id), cids[old])
+    # slots and blocks of skipped checkpoints go back to the pool
+    keep = {s for t in turns.values() for s in [t.slot]}
+    for s in new_slots:
+        if s not in keep:
+            slots[s] = L.SLOT_FREE
+    used = collections.Counter(b for t in turns.values() for b in t.blocks)
+    for b in new_blocks:
+        rc[b] = used.get(b, 0)
+    caches.cache = c
+    caches.ledger = led._with(refcount=rc, slots=slots, turns=turns)

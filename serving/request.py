@@ -84,9 +84,10 @@ class Request:
     prompt_ids: list[int]
     sp: SamplingParams
     key: tuple | None = None                 # (cache_salt, conversation_id)
+    salt: str | None = None                  # the checkpoint namespace
+    boundary: int | None = None              # the last message boundary inside the prompt: a checkpoint there
     new_messages: list[dict] | None = None   # committed messages of this turn on success
     new_seen: list[dict] | None = None       # the same, as the client saw them
-    drop_committed: bool = False             # history disagreed with the ledger: recompute, do not attach
     raw_turn: bool = False                   # a raw completion turn: commits no assistant message
     pending: L.Pending | None = None
     attached: int = 0

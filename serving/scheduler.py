@@ -7,6 +7,8 @@ recomputes when it is admitted again. No request ends early for lack of cache.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from hybrid_jax import ledger as L
 from hybrid_jax.fused import NUM_STOP
 from serving.cache_manager import OutOfCache
@@ -31,19 +33,16 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
 
-    def busy_keys(self) -> set:
-        return {r.key for r in self.running if r.key is not None}
-
     # ------------------------------------------------------------------ admission
     def admit(self, fail) -> None:
         """Attach waiting requests in order while there is room; fail(req, msg) ends one that can never fit."""
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            self.caches.busy = self.busy_keys()
             try:
                 # A new request feeds its prompt; a preempted one also the generated tokens (the last by decode).
                 feed = req.fed_target + (1 if req.generated else 0)
-                pending = self.caches.attach(req.key, feed, req.drop_committed)
+                pending = self.caches.attach(req.salt, np.asarray(req.tokens(0, feed), np.int32), req.key,
+                                             count=req.preemptions == 0)
             except OutOfCache as e:
                 if self.running:
                     return  # wait for running requests to free their state
@@ -51,12 +50,9 @@ class Scheduler:
                 fail(req, f"the cache pool is too small for this request: {e}")
                 continue
             self.waiting.pop(0)
-            req.drop_committed = False
             req.pending, req.num_computed = pending, pending.attached
             if req.preemptions == 0:
                 req.attached = pending.attached
-                if req.key is not None:
-                    self.counters["hits" if pending.attached > 0 else "misses"] += 1
                 self.counters["prompt_tokens"] += len(req.prompt_ids)
                 self.counters["cached_prompt_tokens"] += pending.attached
             req.admitted.set()
@@ -89,9 +85,8 @@ class Scheduler:
 
     def _grow(self, r: Request, total: int, sync_first: bool) -> bool:
         while True:
-            self.caches.busy = self.busy_keys()
             try:
-                r.pending = self.caches.reserve(r.pending, total, keep=r.key)
+                r.pending = self.caches.reserve(r.pending, total)
                 return True
             except L.OutOfBlocks:
                 if sync_first:
@@ -124,13 +119,15 @@ class Scheduler:
                 s = r.num_computed
                 cap = self.max_prefill_tokens if budget is None else max(min(self.max_prefill_tokens, budget),
                                                                          MIN_CHUNK)
-                e = self._chunk_end(s, min(r.fed_target, s + cap))
+                e = self._chunk_end(s, min(r.fed_target, s + cap), r.boundary)
                 out.append((r, s, e))
                 if budget is not None:
                     budget -= e - s
         return out
 
-    def _chunk_end(self, start: int, end: int) -> int:
+    def _chunk_end(self, start: int, end: int, boundary: int | None) -> int:
+        if self.caches.mode == "exact" and boundary is not None and start < boundary < end:
+            return boundary  # a checkpoint is taken there
         if self.caches.mode == "align":
             # Block-aligned engines keep hybrid state only at block boundaries: stop each chunk at one.
             boundary = (end // self.block_size) * self.block_size

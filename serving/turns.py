@@ -11,47 +11,66 @@ ROLES = ("system", "user", "assistant", "developer", "tool")
 _MAX_ID_LEN = 256
 
 
+def chat_request(tok, rid: str, msgs, sp, salt) -> Request:
+    """A request without a conversation id: the whole history rendered; the cache finds its state by tokens."""
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    return Request(rid, list(ids), sp, salt=salt, boundary=_boundary(tok, msgs, ids))
+
+
 def conversation_request(tok, rid: str, key, conv: Conversation | None, msgs, sp) -> Request:
-    """The request of a conversation turn: its prompt ids continue the committed ids when the client sent only
-    new messages or resent the committed history; an edited history is re-rendered and recomputed."""
-    drop = False
-    if conv is None:
-        new_msgs, all_msgs = msgs, msgs
-        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    else:
+    """The request of a conversation turn. The client sends either only the new messages, or the whole history:
+    a resent committed history is recognised and only the new messages are rendered after the committed ids;
+    a history that differs from the committed one (it holds assistant messages: an edit, a fork, a regenerate)
+    is rendered whole and the cache matches it by tokens, never appending it to the old state."""
+    new = msgs
+    if conv is not None:
         k = len(conv.messages)
         if msgs[:k] == conv.messages or msgs[:k] == conv.seen:  # the client resent the whole history
-            new_msgs = msgs[k:]
-        elif msgs[0] == conv.messages[0] and len(msgs) > 1:
-            new_msgs = None                    # an edited or truncated history: a miss
-        else:
-            new_msgs = msgs
-        cont = None
-        if new_msgs:
-            cont = render_continuation(tok, conv.messages, new_msgs, committed_ids=conv.ids)
-        if cont is None:
-            all_msgs = msgs if new_msgs is None or not new_msgs else conv.messages + new_msgs
-            if new_msgs is not None and not new_msgs:
+            new = msgs[k:]
+            if not new:
                 raise BadRequest("no new messages after the committed history", param="messages")
-            ids = tok.apply_chat_template(all_msgs, add_generation_prompt=True, tokenize=True)
-            drop = True
-        else:
-            all_msgs = conv.messages + new_msgs
-            ids = list(conv.ids) + list(cont)
-    seen = None if conv is None or drop else (conv.seen or conv.messages) + (new_msgs or [])
-    return Request(rid, list(ids), sp, key=key, new_messages=list(all_msgs),
-                    new_seen=seen, drop_committed=drop)
+        elif any(m["role"] == "assistant" for m in msgs):
+            new = None                                        # an edited history
+    ids = cont = None
+    if conv is not None and new is not None:
+        all_msgs, seen = conv.messages + new, (conv.seen or conv.messages) + new
+        cont = render_continuation(tok, conv.messages, new, committed_ids=conv.ids)
+    else:
+        all_msgs = seen = msgs
+    if cont is not None:
+        ids = list(conv.ids) + list(cont)
+        nogen = render_continuation(tok, conv.messages, new, add_generation_prompt=False, committed_ids=conv.ids)
+        boundary = _prefix_len(ids, list(conv.ids) + list(nogen)) if nogen is not None else None
+    else:
+        ids = tok.apply_chat_template(all_msgs, add_generation_prompt=True, tokenize=True)
+        boundary = _boundary(tok, all_msgs, ids)
+    return Request(rid, list(ids), sp, key=key, salt=key[0], boundary=boundary, new_messages=list(all_msgs),
+                   new_seen=list(seen))
+
+
+def _boundary(tok, msgs, ids) -> int | None:
+    """Where the generation prompt starts in ids: the end of the last message."""
+    return _prefix_len(ids, tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True))
+
+
+def _prefix_len(ids, prefix) -> int | None:
+    n = len(prefix)
+    return n if 0 < n < len(ids) and list(ids[:n]) == list(prefix) else None
+
+
+def validate_salt(cache_salt) -> str | None:
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
+                                   or len(cache_salt) > _MAX_ID_LEN):
+        raise BadRequest(f"cache_salt must be a non-empty string of at most {_MAX_ID_LEN} characters",
+                         param="cache_salt")
+    return cache_salt
 
 
 def conversation_key(conversation_id, cache_salt):
     if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > _MAX_ID_LEN:
         raise BadRequest(f"conversation_id must be a non-empty string of at most {_MAX_ID_LEN} characters",
                          param="conversation_id")
-    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
-                                   or len(cache_salt) > _MAX_ID_LEN):
-        raise BadRequest(f"cache_salt must be a non-empty string of at most {_MAX_ID_LEN} characters",
-                         param="cache_salt")
-    return (cache_salt, conversation_id)
+    return (validate_salt(cache_salt), conversation_id)
 
 
 def validate_messages(messages) -> list[dict]:

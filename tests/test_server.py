@@ -268,15 +268,16 @@ def reference(baseline):
                          ids=["nonstream-history", "stream-history", "stream-suffix", "nonstream-suffix"])
 def test_four_turns_exact(exact, baseline, reference, stream, full_history):
     conv = f"four-{stream}-{full_history}"
-    got, _ = converse(exact.client(KEY), conv, "tenant-a", stream=stream, full_history=full_history)
+    salt = f"tenant-{conv}"  # its own salt: the first turn is a miss (another salt never shares a prefix)
+    got, _ = converse(exact.client(KEY), conv, salt, stream=stream, full_history=full_history)
     assert_same_outputs(got, reference)
     assert_cache_hits(got)
     # The same protocol on the recompute server gives the same outputs and never hits.
-    base, _ = converse(baseline.client(), conv, "tenant-a", stream=stream, full_history=full_history)
+    base, _ = converse(baseline.client(), conv, salt, stream=stream, full_history=full_history)
     assert_same_outputs(base, reference)
     assert all(t.cached_tokens == 0 for t in base)
     with exact.http(KEY) as http:
-        info = http.get(f"/v1/conversations/{conv}", params={"cache_salt": "tenant-a"})
+        info = http.get(f"/v1/conversations/{conv}", params={"cache_salt": salt})
         assert info.status_code == 200, info.text
         info = info.json()
     last = got[-1]
@@ -324,13 +325,13 @@ def test_stream_wire_format(exact):
 def test_isolation_between_salts(exact):
     client = exact.client(KEY)
     conv = "isolated"
-    turns, history = converse(client, conv, "tenant-a", USER_TURNS[:2])
+    turns, history = converse(client, conv, "iso-a", USER_TURNS[:2])
     assert_cache_hits(turns)
     with exact.http(KEY) as http:
         url = f"/v1/conversations/{conv}"
-        ok = http.get(url, params={"cache_salt": "tenant-a"})
+        ok = http.get(url, params={"cache_salt": "iso-a"})
         assert ok.status_code == 200 and ok.json()["turns"] == 2
-        ok = http.get(url, headers={"X-Cache-Salt": "tenant-a"})
+        ok = http.get(url, headers={"X-Cache-Salt": "iso-a"})
         assert ok.status_code == 200 and ok.json()["turns"] == 2
         wrong = http.get(url, params={"cache_salt": "tenant-b"})
         assert_openai_error(wrong, 404)
@@ -341,30 +342,34 @@ def test_isolation_between_salts(exact):
         assert_openai_error(http.get(url), 404)  # no salt is another tenant too
         assert_openai_error(http.delete(url, params={"cache_salt": "tenant-b"}), 404)
         assert_openai_error(http.delete(url), 404)
-        assert http.get(url, params={"cache_salt": "tenant-a"}).json()["turns"] == 2  # still there
+        assert http.get(url, params={"cache_salt": "iso-a"}).json()["turns"] == 2  # still there
 
     nxt = history + [{"role": "user", "content": USER_TURNS[2]}]
     assert chat_turn(client, nxt, conv, "tenant-b").cached_tokens == 0
     assert chat_turn(client, nxt, conv, None).cached_tokens == 0
-    recomputed = chat_turn(client, nxt)  # no conversation: the history is rendered from its text
+    recomputed = chat_turn(client, nxt, None, "iso-fresh")  # no conversation, a salt with nothing committed
     assert recomputed.cached_tokens == 0
+    # Under one salt any request whose prompt begins with a checkpoint's tokens attaches it: the no-salt turn
+    # above committed this very history, so the same history without a conversation id hits all but one token.
+    anon = chat_turn(client, nxt)
+    assert anon.cached_tokens == anon.prompt_tokens - 1 and anon.text == recomputed.text
     # The owner still hits, with exactly its committed state.
-    third = chat_turn(client, nxt, conv, "tenant-a")
+    third = chat_turn(client, nxt, conv, "iso-a")
     assert third.cached_tokens == turns[-1].committed
     # The salt may also come as the X-Cache-Salt header.
     nxt += [{"role": "assistant", "content": third.text}, {"role": "user", "content": USER_TURNS[3]}]
     r = client.chat.completions.create(model=NAME, messages=nxt, max_tokens=MAX_TOKENS, temperature=0,
-                                       extra_body={"conversation_id": conv}, extra_headers={"X-Cache-Salt": "tenant-a"})
+                                       extra_body={"conversation_id": conv}, extra_headers={"X-Cache-Salt": "iso-a"})
     assert r.usage.prompt_tokens_details.cached_tokens == third.committed
 
     with exact.http(KEY) as http:
-        deleted = http.delete(url, params={"cache_salt": "tenant-a"})
+        deleted = http.delete(url, params={"cache_salt": "iso-a"})
         assert deleted.status_code == 200 and deleted.json()["deleted"] is True
-        assert_openai_error(http.get(url, params={"cache_salt": "tenant-a"}), 404)
-        assert_openai_error(http.delete(url, params={"cache_salt": "tenant-a"}), 404)
+        assert_openai_error(http.get(url, params={"cache_salt": "iso-a"}), 404)
+        assert_openai_error(http.delete(url, params={"cache_salt": "iso-a"}), 404)
     # After delete the conversation starts over: a miss, computed like any request without a conversation.
     nxt = nxt[:5]
-    again = chat_turn(client, nxt, conv, "tenant-a")
+    again = chat_turn(client, nxt, conv, "iso-a")
     assert again.cached_tokens == 0
     assert (again.text, again.prompt_tokens) == (recomputed.text, recomputed.prompt_tokens)
 
@@ -707,14 +712,17 @@ def test_metrics(exact):
                  "hybrid_serve_kv_cache_usage_ratio", "hybrid_serve_mamba_slots_used",
                  "hybrid_serve_mamba_slots_total", "hybrid_serve_mamba_slot_usage_ratio",
                  "hybrid_serve_prompt_tokens_total", "hybrid_serve_cached_prompt_tokens_total",
-                 "hybrid_serve_generation_tokens_total", "hybrid_serve_conversation_hits_total",
-                 "hybrid_serve_conversation_misses_total", "hybrid_serve_conversation_evictions_total"]:
+                 "hybrid_serve_generation_tokens_total", "hybrid_serve_cache_hits_total",
+                 "hybrid_serve_cache_misses_total", "hybrid_serve_cache_misses_no_checkpoint_total",
+                 "hybrid_serve_cache_misses_evicted_total", "hybrid_serve_cache_misses_not_prefix_total",
+                 "hybrid_serve_checkpoint_evictions_total", "hybrid_serve_preemptions_total",
+                 "hybrid_serve_cache_bytes"]:
         assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.M), name
 
     def value(name):
         return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
-    assert value("hybrid_serve_conversation_hits_total") >= 1
+    assert value("hybrid_serve_cache_hits_total") >= 1
     assert value("hybrid_serve_cached_prompt_tokens_total") > 0
     assert value("hybrid_serve_generation_tokens_total") >= 2
     assert value("hybrid_serve_time_to_first_token_seconds_count") >= 2
