@@ -140,11 +140,15 @@ class Engine:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, path: str | None = None, *, dtype: str = "auto", served_model_name=None, **kw):
-        """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models)."""
+    def from_pretrained(cls, path: str | None = None, *, dtype: str = "auto", served_model_name=None,
+                        chat_template: str | None = None, **kw):
+        """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models); chat_template (a
+        jinja file or the template itself) replaces the checkpoint's."""
         model_dir = path or DEFAULT_MODEL_DIR
         cfg, params = hybrid_jax.load_pretrained(model_dir, dtype=dtype, stacked=True)
         tok = load_tokenizer(model_dir)
+        if chat_template is not None:  # a jinja file or the template itself
+            tok.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
         name = served_model_name or (os.path.basename(os.path.normpath(path)) if path else "hybrid-tiny-default")
         return cls(cfg, params, tok, model_name=name, **kw)
 
@@ -402,7 +406,7 @@ class Engine:
         for i, (r, s, e) in enumerate(chunks):
             r.num_computed = e
             self._maybe_snapshot(r)
-            if e == r.boundary and self.cache_mode == "exact":
+            if e in r.boundaries and self.cache_mode == "exact":
                 self.caches.fork(r.pending, r.salt, np.asarray(r.tokens(0, e), np.int32), r.key)
             if e == r.fed_target and not r.generated:
                 first.append(i)

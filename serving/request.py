@@ -85,7 +85,7 @@ class Request:
     sp: SamplingParams
     key: tuple | None = None                 # (cache_salt, conversation_id)
     salt: str | None = None                  # the checkpoint namespace
-    boundary: int | None = None              # the last message boundary inside the prompt: a checkpoint there
+    boundaries: tuple[int, ...] = ()         # message boundaries inside the prompt where a checkpoint is taken
     new_messages: list[dict] | None = None   # committed messages of this turn on success
     new_seen: list[dict] | None = None       # the same, as the client saw them
     raw_turn: bool = False                   # a raw completion turn: commits no assistant message

@@ -119,15 +119,17 @@ class Scheduler:
                 s = r.num_computed
                 cap = self.max_prefill_tokens if budget is None else max(min(self.max_prefill_tokens, budget),
                                                                          MIN_CHUNK)
-                e = self._chunk_end(s, min(r.fed_target, s + cap), r.boundary)
+                e = self._chunk_end(s, min(r.fed_target, s + cap), r.boundaries)
                 out.append((r, s, e))
                 if budget is not None:
                     budget -= e - s
         return out
 
-    def _chunk_end(self, start: int, end: int, boundary: int | None) -> int:
-        if self.caches.mode == "exact" and boundary is not None and start < boundary < end:
-            return boundary  # a checkpoint is taken there
+    def _chunk_end(self, start: int, end: int, boundaries=()) -> int:
+        if self.caches.mode == "exact":
+            for b in boundaries:
+                if start < b < end:
+                    return b  # a checkpoint is taken there
         if self.caches.mode == "align":
             # Block-aligned engines keep hybrid state only at block boundaries: stop each chunk at one.
             boundary = (end // self.block_size) * self.block_size

@@ -14,7 +14,7 @@ _MAX_ID_LEN = 256
 def chat_request(tok, rid: str, msgs, sp, salt) -> Request:
     """A request without a conversation id: the whole history rendered; the cache finds its state by tokens."""
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    return Request(rid, list(ids), sp, salt=salt, boundary=_boundary(tok, msgs, ids))
+    return Request(rid, list(ids), sp, salt=salt, boundaries=_boundaries(tok, msgs, ids))
 
 
 def conversation_request(tok, rid: str, key, conv: Conversation | None, msgs, sp) -> Request:
@@ -40,17 +40,24 @@ def conversation_request(tok, rid: str, key, conv: Conversation | None, msgs, sp
     if cont is not None:
         ids = list(conv.ids) + list(cont)
         nogen = render_continuation(tok, conv.messages, new, add_generation_prompt=False, committed_ids=conv.ids)
-        boundary = _prefix_len(ids, list(conv.ids) + list(nogen)) if nogen is not None else None
+        end = _prefix_len(ids, list(conv.ids) + list(nogen)) if nogen is not None else None
+        boundaries = (end,) if end else ()
     else:
         ids = tok.apply_chat_template(all_msgs, add_generation_prompt=True, tokenize=True)
-        boundary = _boundary(tok, all_msgs, ids)
-    return Request(rid, list(ids), sp, key=key, salt=key[0], boundary=boundary, new_messages=list(all_msgs),
+        boundaries = _boundaries(tok, all_msgs, ids)
+    return Request(rid, list(ids), sp, key=key, salt=key[0], boundaries=boundaries, new_messages=list(all_msgs),
                    new_seen=list(seen))
 
 
-def _boundary(tok, msgs, ids) -> int | None:
-    """Where the generation prompt starts in ids: the end of the last message."""
-    return _prefix_len(ids, tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True))
+def _boundaries(tok, msgs, ids) -> tuple[int, ...]:
+    """Where checkpoints are worth taking inside a rendered prompt: the end of the last message (where the
+    generation prompt starts: a re-rendered history that rewrites this turn's answer still shares it) and, in
+    a conversation's first turn, the end of a leading system message (conversations that open with the same
+    system prompt share it)."""
+    out = [_prefix_len(ids, tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True))]
+    if len(msgs) > 1 and msgs[0]["role"] == "system" and not any(m["role"] == "assistant" for m in msgs):
+        out.append(_prefix_len(ids, tok.apply_chat_template(msgs[:1], add_generation_prompt=False, tokenize=True)))
+    return tuple(sorted({b for b in out if b}))
 
 
 def _prefix_len(ids, prefix) -> int | None:
