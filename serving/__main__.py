@@ -3,9 +3,9 @@
     python -m serving                                  # the embedded default model on 127.0.0.1:8000
     python -m serving --model PATH --port 8001 --cache-mode exact --cache-dir /var/cache/hybrid
 
-With --cache-dir the committed conversations survive restarts: a graceful shutdown (SIGTERM or SIGINT) saves
-them there after the in-flight requests finish (or are aborted after --graceful-timeout seconds), and the next
-start restores them.
+With --cache-dir the committed conversations and the stored responses (`/v1/responses`) survive restarts: a
+graceful shutdown (SIGTERM or SIGINT) saves them there after the in-flight requests finish (or are aborted after
+--graceful-timeout seconds), and the next start restores them.
 """
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _fraction(v: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
     if not 0.0 < x <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return x
+
+
+def _non_negative(v: str) -> int:
+    try:
+        x = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return x
 
 
@@ -76,14 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter and cache dtype. auto: the checkpoint's torch_dtype from its config.json "
                         "(bfloat16 for the released models; float32 if it names none). The Mamba SSM state and "
                         "A_log, D, dt_bias stay float32 (default: auto)")
+    p.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
+                   help="chat template replacing the model's: a jinja file or the template itself (default: the "
+                        "checkpoint's own)")
     p.add_argument("--served-model-name", default=None,
                    help="model name reported by /v1/models and in responses (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $HYBRID_SERVE_API_KEY; none "
                         "if unset)")
     p.add_argument("--cache-dir", default=None,
-                   help="durable committed-conversation state: restored on start if present, saved on "
-                        "graceful shutdown (SIGTERM/SIGINT)")
+                   help="durable committed-conversation state and stored responses (responses.json, mode "
+                        "0600): restored on start if present, saved on graceful shutdown (SIGTERM/SIGINT)")
+    p.add_argument("--max-stored-responses", type=_non_negative, default=10000,
+                   help="most responses of the Responses API kept for GET and previous_response_id, least recently "
+                        "used evicted first; 0 stores none (default: 10000)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest accepted request body in bytes (413 above; default 4 MiB)")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
@@ -123,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving import Engine
     from serving.app import DEFAULT_MAX_REQUEST_BYTES, create_app
     from serving.metrics import Metrics
+    from serving.responses_store import ResponsesStore
 
     engine_kw = {k: v for k, v in dict(
         cache_mode=args.cache_mode, block_size=args.block_size, max_model_len=args.max_model_len,
@@ -130,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         kv_memory=args.kv_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_prefill_tokens=args.max_prefill_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
         host_cache_memory=args.host_cache_memory,
-        dtype=args.dtype, served_model_name=args.served_model_name).items() if v is not None}
+        dtype=args.dtype, served_model_name=args.served_model_name,
+        chat_template=args.chat_template).items() if v is not None}
     metrics = Metrics()
     t0 = time.perf_counter()
     log.info("loading %s (%s)", args.model or "the embedded default model",
@@ -152,9 +170,18 @@ def main(argv: list[str] | None = None) -> int:
                 log.exception("could not restore the cache state from %s; starting empty", args.cache_dir)
         else:
             os.makedirs(args.cache_dir, exist_ok=True)
+    responses = ResponsesStore(args.max_stored_responses)
+    if args.cache_dir:
+        try:
+            n = responses.load(args.cache_dir)
+            if n:
+                log.info("restored %d stored responses from %s", n, args.cache_dir)
+        except Exception:
+            log.exception("could not restore the stored responses from %s; starting empty", args.cache_dir)
 
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
-                     max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics)
+                     max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics,
+                     responses_store=responses)
     name = args.served_model_name or engine.model_name
 
     class Server(uvicorn.Server):
@@ -204,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("cache state saved to %s in %.2fs", args.cache_dir, time.perf_counter() - t)
             except Exception:
                 log.exception("could not save the cache state to %s", args.cache_dir)
+                rc = 1
+            try:
+                path = responses.save(args.cache_dir)
+                log.info("%d stored responses saved to %s", len(responses), path)
+            except Exception:
+                log.exception("could not save the stored responses to %s", args.cache_dir)
                 rc = 1
         engine.shutdown()
     return rc

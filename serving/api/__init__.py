@@ -1,0 +1,9 @@
+"""The HTTP routes of the server, one module per API, each a `router(ctx)` over a shared `ServerContext`
+(serving/api/common.py); `serving.app.create_app` wires them.
+
+* chat.py           POST /v1/chat/completions
+* completions.py    POST /v1/completions
+* responses.py      POST /v1/responses, GET|DELETE /v1/responses/{id} (store: serving/responses_store.py)
+* conversations.py  GET|DELETE /v1/conversations/{conversation_id}
+* admin.py          /v1/models, /tokenize, /detokenize, /health, /version, /metrics
+"""
