@@ -99,3 +99,41 @@ def test_heads_outlive_anonymous_and_intermediate_checkpoints(tiny_model_dir):
         assert nxt.cached_tokens == named.prompt_tokens + named.completion_tokens - 1
     finally:
         e.shutdown()
+
+
+def test_delete_is_atomic_with_respect_to_new_turns(tiny_model_dir):
+    """The interleaving that once attached a deleted state: a DELETE queued behind the loop while a new turn of
+    the same conversation arrives. The delete and the device drop are one step of the loop, so the turn either
+    leased the conversation first (the delete is refused: 409) or starts a new conversation with nothing
+    attached."""
+    import threading
+
+    from serving.errors import ConversationBusy
+    e = Engine.from_pretrained(tiny_model_dir, max_model_len=256)
+    try:
+        first = e.complete([1, 2, 3, 4, 5], conversation_id="x", cache_salt="del", max_tokens=4, temperature=0)
+        gate, started = threading.Event(), threading.Event()
+        blocker = threading.Thread(target=lambda: e._call(lambda: (started.set(), gate.wait(30))))
+        blocker.start()
+        started.wait(30)  # the loop is held: everything below queues behind it
+        outcome = {}
+
+        def delete():
+            try:
+                outcome["deleted"] = e.delete_conversation("x", "del")
+            except ConversationBusy:
+                outcome["deleted"] = "busy"
+        deleter = threading.Thread(target=delete)
+        deleter.start()
+        turn = e.complete_stream([6, 7], conversation_id="x", cache_salt="del", max_tokens=4, temperature=0)
+        gate.set()
+        blocker.join()
+        deleter.join()
+        r = turn.result(timeout=60)
+        assert outcome["deleted"] == "busy"  # the turn holds the lease: the delete waits for no one, it refuses
+        assert r.cached_tokens == first.prompt_tokens + first.completion_tokens - 1
+        assert e.delete_conversation("x", "del") is True
+        again = e.complete([6, 7], conversation_id="x", cache_salt="del", max_tokens=4, temperature=0)
+        assert again.cached_tokens == 0 and again.prompt_tokens == 2
+    finally:
+        e.shutdown()
