@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server around a `serving.Engine` (step 1 and step 6 of DESIGN.md).
+"""The OpenAI-compatible HTTP server around a `serving.Engine` (steps 1 and 6 of docs/design.md).
 
 `create_app(engine)` returns a FastAPI app wiring one router per API (serving/api/):
 
