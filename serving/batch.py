@@ -462,26 +462,36 @@ def _memory(v: str) -> str | int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.batch",
                                 description="Offline chat completions over a JSONL file (OpenAI batch format) with "
-                                            "the exact per-conversation cache.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, help="input JSONL (one request per line)")
-    p.add_argument("-o", "--output", required=True,
-                   help="output JSONL; appended to, custom_ids already in it are skipped")
+                                            "the exact per-conversation cache.")
+    p.add_argument("-i", "--input", required=True, metavar="FILE",
+                   help="input JSONL, one request per line (format: README.md, 'Offline batches')")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="output JSONL; appended to, and custom_ids already in it are skipped (a re-run resumes)")
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="checkpoint directory; default: the embedded tiny default model")
-    p.add_argument("--cache-mode", choices=("exact", "align", "none"), default="exact")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (engine default: 16)")
-    p.add_argument("--max-model-len", type=int, default=None, help="engine default: 2048")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="requests running at once (engine default: 8)")
-    p.add_argument("--num-blocks", type=int, default=None, help="number of KV blocks")
-    p.add_argument("--kv-memory", type=_memory, default=None, help="memory for KV blocks + Mamba slots, e.g. 512MiB")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--served-model-name", default=None,
-                   help="model name in the responses, and the one request bodies may name (default: the model's)")
-    p.add_argument("--concurrency", type=int, default=None,
+                   help="checkpoint directory (default: the embedded tiny default model)")
+    p.add_argument("--cache-mode", choices=("exact", "align", "none"), default="exact",
+                   help="exact: each turn reuses the exact committed state of its conversation; align: only up to "
+                        "the last full block; none: recompute every turn (default: exact)")
+    p.add_argument("--block-size", type=int, default=None, metavar="N", help="tokens per KV block (default: 16)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="maximum tokens per sequence, prompt plus generation (default: 2048)")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="requests running at once (default: 8)")
+    p.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                   help="number of KV blocks (default: derived from --kv-memory or from the lengths)")
+    p.add_argument("--kv-memory", type=_memory, default=None, metavar="SIZE",
+                   help="memory for KV blocks plus Mamba state slots, e.g. 512MiB, 2GiB or bytes")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="parameter and cache dtype; auto takes the checkpoint's torch_dtype. The Mamba SSM state "
+                        "stays float32 (default: auto)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="model name in the responses, and the one request bodies may name (default: the "
+                        "checkpoint directory's name; hybrid-tiny-default for the embedded model)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="conversations run at once (default: --max-num-seqs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="log level (default: warning)")
     return p
 
 
