@@ -8,8 +8,8 @@ server: a `previous_response_id` chain must answer exactly what the full history
 The store itself (serving/responses_store.py: LRU bound, tenants, deletes, the atomic 0600 file) is tested
 without a server at the top.
 
-The last section holds the cache-hit test of the chain; it waits for the token-addressed checkpoints of issue 10
-(items 1-3) and is marked xfail until they land.
+The last section holds the cache-hit test of the chain: a previous_response_id continues exactly from the
+checkpoint its response committed (the engine finds it by tokens).
 """
 from __future__ import annotations
 
@@ -479,7 +479,6 @@ def test_restart_keeps_stored_responses(server, cache_dir):
 # Cache hits of a chain: enabled when the token-addressed checkpoints (issue 10 items 1-3) land
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="token-addressed checkpoints (issue 10 items 1-3) not landed", strict=False)
 @pytest.mark.parametrize("stream", [False, True], ids=["nonstream", "stream"])
 def test_chain_cached_tokens_grow_and_survive_restart(server, stream):
     """A previous_response_id chain is sent to the engine as its full history without a conversation_id: from
