@@ -1,8 +1,9 @@
 """Static model configuration, parsed from a Hugging Face `config.json` of one of three hybrid families.
 
 Every family is flattened into one list of residual *sublayers* (norm -> op -> residual add), each of kind
-"mamba", "attention" or "mlp". NemotronH layers are already sublayers; a Granite or Bamba decoder layer is a mixer
-sublayer followed by an MLP sublayer.
+"mamba", "attention", "mlp" or "moe". NemotronH layers are already sublayers ("E" is a mixture-of-experts layer);
+a Granite or Bamba decoder layer is a mixer sublayer followed by an MLP sublayer, or, for a Granite model with
+`num_local_experts` > 0, by a "moe" sublayer (routed experts plus the shared MLP over one norm).
 """
 from __future__ import annotations
 
@@ -21,11 +22,38 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts sublayer of a model (transformers NemotronHMoE / GraniteMoeHybridMoE).
+
+    router "sigmoid" (NemotronH): scores = sigmoid(x @ W) in float32; experts chosen by top-k of scores +
+    e_score_correction_bias among the `topk_group` best of `n_group` expert groups (a group's score: the sum of its
+    two best biased scores); weights = the chosen unbiased scores, divided by their sum if `norm_topk_prob`,
+    times `routed_scaling_factor`.
+    router "softmax" (Granite): top-k of the logits x @ W, weights = softmax over those k logits.
+    Experts are `expert_kind` MLPs ("relu2": down(relu(up x)^2); "swiglu": down(silu(gate x) * up x)) of
+    `intermediate_size`, without biases; with `latent_size` > 0 they work in a latent space between
+    fc1_latent_proj and fc2_latent_proj. The shared expert (NemotronH shared_experts, Granite shared_mlp) is an
+    MLP of `shared_intermediate_size` (0: none) on the sublayer input, added to the routed output.
+    """
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    shared_intermediate_size: int
+    expert_kind: str                    # "relu2" | "swiglu"
+    router: str                         # "sigmoid" | "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    latent_size: int = 0                # 0: no latent projection
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: str
     vocab_size: int
     hidden_size: int
-    sublayers: tuple[str, ...]          # "mamba" | "attention" | "mlp", in order
+    sublayers: tuple[str, ...]          # "mamba" | "attention" | "mlp" | "moe", in order
     rms_eps: float
     # attention
     num_heads: int
@@ -60,6 +88,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     max_position_embeddings: int = 4096
     torch_dtype: str = "float32"        # the checkpoint's weight dtype (config.json torch_dtype / dtype)
+    moe: MoEConfig | None = None        # the "moe" sublayers' shape; None when the model has none
 
     @property
     def mamba_inner(self) -> int:
@@ -76,6 +105,11 @@ class ModelConfig:
     @property
     def num_mamba_layers(self) -> int:
         return self.sublayers.count("mamba")
+
+    @property
+    def expert_width(self) -> int:
+        """The width the routed experts read and write: the MoE latent size, else the hidden size."""
+        return (self.moe.latent_size if self.moe is not None else 0) or self.hidden_size
 
 
 def _float(v: Any) -> float:
@@ -119,9 +153,52 @@ def _nemotron_sublayers(hf: dict) -> tuple[str, ...]:
         if k not in _NEMOTRON_KIND:
             raise ConfigError(f"unknown NemotronH layer type {k!r}")
         out.append(_NEMOTRON_KIND[k])
-    if "moe" in out:
-        raise ConfigError("mixture-of-experts layers (moe) are not supported yet")
     return tuple(out)
+
+
+def _positive(hf: dict, key: str, what: str) -> int:
+    v = hf.get(key)
+    if v is None or int(v) <= 0:
+        raise ConfigError(f"{what}: config.json needs a positive {key!r}, got {v!r}")
+    return int(v)
+
+
+def _nemotron_moe(hf: dict) -> MoEConfig:
+    """NemotronH MoE fields (transformers NemotronHConfig: num_local_experts is an alias of n_routed_experts)."""
+    what = "NemotronH MoE layers"
+    experts = int(hf.get("n_routed_experts") or hf.get("num_local_experts") or 0)
+    if experts <= 0:
+        raise ConfigError(f"{what}: config.json needs a positive 'n_routed_experts'")
+    n_group, topk_group = int(hf.get("n_group") or 1), int(hf.get("topk_group") or 1)
+    top_k = _positive(hf, "num_experts_per_tok", what)
+    if experts % n_group or experts // n_group < 2 or not 1 <= topk_group <= n_group:
+        raise ConfigError(f"{what}: n_routed_experts={experts} must split into n_group={n_group} groups of at "
+                          f"least 2 experts, with 1 <= topk_group={topk_group} <= n_group")
+    if top_k > topk_group * (experts // n_group):
+        raise ConfigError(f"{what}: num_experts_per_tok={top_k} exceeds the experts of topk_group={topk_group} "
+                          f"groups")
+    # transformers builds the shared expert from moe_shared_expert_intermediate_size whatever n_shared_experts says
+    shared = int(hf.get("moe_shared_expert_intermediate_size") or 0)
+    return MoEConfig(num_experts=experts, top_k=top_k, intermediate_size=_positive(hf, "moe_intermediate_size", what),
+                     shared_intermediate_size=shared, expert_kind=_relu2(hf.get("mlp_hidden_act", "relu2")),
+                     router="sigmoid", n_group=n_group, topk_group=topk_group,
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+                     routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                     latent_size=int(hf.get("moe_latent_size") or 0))
+
+
+def _granite_moe(hf: dict) -> MoEConfig:
+    """Granite MoE fields: experts of intermediate_size, the shared MLP of shared_intermediate_size."""
+    what = "Granite MoE layers"
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{what}: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
+    experts = _positive(hf, "num_local_experts", what)
+    top_k = _positive(hf, "num_experts_per_tok", what)
+    if top_k > experts:
+        raise ConfigError(f"{what}: num_experts_per_tok={top_k} > num_local_experts={experts}")
+    return MoEConfig(num_experts=experts, top_k=top_k, intermediate_size=_positive(hf, "intermediate_size", what),
+                     shared_intermediate_size=int(hf.get("shared_intermediate_size") or 0), expert_kind="swiglu",
+                     router="softmax")
 
 
 def from_hf(hf: dict) -> ModelConfig:
@@ -145,8 +222,9 @@ def from_hf(hf: dict) -> ModelConfig:
         limit = hf.get("time_step_limit", (0.0, float("inf")))
         n_heads = int(hf.get("mamba_num_heads"))
         common["tie_word_embeddings"] = False  # NemotronH always has its own lm_head
+        sublayers = _nemotron_sublayers(hf)
         return ModelConfig(
-            **common, sublayers=_nemotron_sublayers(hf), rms_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            **common, sublayers=sublayers, moe=_nemotron_moe(hf) if "moe" in sublayers else None, rms_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
             attn_scale=1.0 / math.sqrt(head_dim), rope_dim=0, rope_theta=0.0,
             intermediate_size=int(hf["intermediate_size"]), mlp_kind=_relu2(hf.get("mlp_hidden_act", "relu2")),
@@ -161,9 +239,10 @@ def from_hf(hf: dict) -> ModelConfig:
 
     # Granite 4.0-H and Bamba share the Mamba2 field names.
     head_dim = int(hf.get("head_dim") or H // heads)
+    moe = None
     if family == "granitemoehybrid":
         if int(hf.get("num_local_experts") or 0) > 0:
-            raise ConfigError("mixture-of-experts layers (num_local_experts > 0) are not supported yet")
+            moe = _granite_moe(hf)
         layer_types = hf["layer_types"]
         rope_dim, theta = _rope(hf, head_dim, 1.0) if hf.get("position_embedding_type") == "rope" else (0, 0.0)
         intermediate = int(hf.get("shared_intermediate_size") or hf["intermediate_size"])
@@ -183,14 +262,14 @@ def from_hf(hf: dict) -> ModelConfig:
         kind = _NEMOTRON_KIND.get(t)
         if kind not in ("mamba", "attention"):
             raise ConfigError(f"unknown layer type {t!r}")
-        sub += [kind, "mlp"]
-    n_heads = int(hf["mamba_n_heads"])
+        sub += [kind, "mlp" if moe is None else "moe"]
+    n_heads = int(hf.get("mamba_n_heads", 128))  # transformers GraniteMoeHybridConfig / BambaConfig default
     limit = hf.get("time_step_limit", (0.0, float("inf")))
     expand_inner = int(hf.get("mamba_expand", 2)) * H
     d_head = hf.get("mamba_d_head", "auto")
     mamba_head_dim = expand_inner // n_heads if d_head in (None, "auto") else int(d_head)
     return ModelConfig(
-        **common, **scalars, sublayers=tuple(sub), rms_eps=float(hf.get("rms_norm_eps", 1e-6 if family == "granitemoehybrid" else 1e-5)),
+        **common, **scalars, sublayers=tuple(sub), moe=moe, rms_eps=float(hf.get("rms_norm_eps", 1e-6 if family == "granitemoehybrid" else 1e-5)),
         head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)), attn_scale=scale,
         rope_dim=rope_dim, rope_theta=theta, intermediate_size=intermediate, mlp_kind="swiglu",
         mlp_bias=bool(hf.get("mlp_bias", False)),

@@ -8,6 +8,9 @@ and torch layouts the loader reads (and the released checkpoints use):
   post_attention_layernorm, shared_mlp.input_linear ([gate; up] fused), shared_mlp.output_linear}`, `model.norm`;
 * bamba: `model.embed_tokens`, `model.layers.J.{input_layernorm, mamba.*|self_attn.*, pre_ff_layernorm,
   feed_forward.*}`, `model.final_layernorm`.
+* mixture-of-experts layers as the checkpoints store them: NemotronH one tensor per expert
+  (`mixer.experts.{e}.up_proj.weight`), Granite `block_sparse_moe.input_linear` ([gate; up] fused, [E, 2I, D]),
+  `output_linear`, `router.layer`.
 
 Projections go from our [in, out] back to torch Linear [out, in]; the depthwise conv goes from [C, W] back to
 [C, 1, W]. Mamba `A_log`, `D` and `dt_bias` are always written in float32 (the loader keeps them float32).
@@ -24,14 +27,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from hybrid_jax.config import ModelConfig, from_hf
-from hybrid_jax.loader import sublayer_sources, top_level_names
+from hybrid_jax.loader import FLOAT32_PARAMS, FusedPart, PerExpert, sublayer_sources, top_level_names
 
 __all__ = ["save_pretrained", "to_hf_tensors"]
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
             "half": "float16", "float": "float32"}
-_F32_ALWAYS = ("A_log", "D", "dt_bias")
+_F32_ALWAYS = FLOAT32_PARAMS
 
 
 def _to_theirs(name: str, a: np.ndarray) -> np.ndarray:
@@ -40,6 +43,8 @@ def _to_theirs(name: str, a: np.ndarray) -> np.ndarray:
         return a.reshape(a.shape[0], 1, a.shape[1])  # [C, W] -> torch [C, 1, W]
     if a.ndim == 2:
         return np.ascontiguousarray(a.T)  # [in, out] -> torch Linear [out, in]
+    if a.ndim == 3:
+        return np.ascontiguousarray(a.transpose(0, 2, 1))  # experts [E, in, out] -> [E, out, in]
     return a
 
 
@@ -79,10 +84,20 @@ def to_hf_tensors(params: dict, cfg: ModelConfig, dtype: str = "float32") -> dic
         extra = set(p) - known
         if extra:
             raise ValueError(f"sublayer {li} ({cfg.sublayers[li]}) has params {sorted(extra)} with no checkpoint name")
+        fused: dict[str, dict[int, np.ndarray]] = {}
         for ours, theirs in names.items():
             if ours == "gate_up" or ours not in p:
                 continue
-            out[theirs] = cast(ours, _to_theirs(ours, np.asarray(p[ours])))
+            a = _to_theirs(ours, np.asarray(p[ours]))
+            if isinstance(theirs, PerExpert):
+                for e in range(theirs.num):
+                    out[theirs.pattern.format(e)] = cast(ours, a[e])
+            elif isinstance(theirs, FusedPart):
+                fused.setdefault(theirs.name, {})[theirs.part] = a
+            else:
+                out[theirs] = cast(ours, a)
+        for name, parts in fused.items():  # torch [.., parts * n, in]: the parts along the out dim
+            out[name] = cast(name, np.concatenate([parts[i] for i in sorted(parts)], axis=-2))
     embed, final = top_level_names(cfg)
     out[embed] = cast("embed", params["embed"])  # [V, D] in both layouts
     out[final] = cast("final_norm", params["final_norm"])

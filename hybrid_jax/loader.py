@@ -1,7 +1,11 @@
 """Read a Hugging Face checkpoint directory (config.json + model.safetensors or a sharded index) into params.
 
 Params pytree: {"embed": [V,D], "final_norm": [D], "lm_head": [V,D] (absent when tied),
-"layers": [one dict per sublayer]}; projection weights are stored [in, out]. With `stacked=True` the layers come
+"layers": [one dict per sublayer]}; projection weights are stored [in, out], expert weights [E, in, out].
+Mixture-of-experts layers are read in the layouts the checkpoints store: NemotronH one tensor per expert
+(`mixer.experts.{e}.up_proj.weight`; the fused `mixer.experts.up_proj` [E, out, in] of transformers' in-memory
+model is accepted too), Granite fused over experts (`block_sparse_moe.input_linear.weight` [E, 2I, D] holding
+[gate; up], `output_linear.weight` [E, D, I], `router.layer.weight`). With `stacked=True` the layers come
 in hybrid_jax/stack.py's stacked form instead ({"stack": {kind: {name: [L_kind, ...]}}}), stacked on the host.
 
 dtype: "auto" (the default) takes the checkpoint's `torch_dtype` (bfloat16 for the released hybrid models;
@@ -12,6 +16,7 @@ passes through float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -132,6 +137,52 @@ def _attn_names(pre: str) -> dict[str, str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class PerExpert:
+    """Our [E, in, out] tensor from one torch [out, in] tensor per expert (`pattern.format(e)`), or from `fused`
+    [E, out, in] when the per-expert tensors are absent."""
+    pattern: str
+    num: int
+    fused: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedPart:
+    """Our tensor from part `part` of `parts` equal slices of torch tensor `name` along its out dim (-2)."""
+    name: str
+    part: int
+    parts: int = 2
+
+
+def _moe_names(cfg: ModelConfig, lp: str) -> dict:
+    """A MoE sublayer's names (lp: the layer prefix, e.g. "backbone.layers.3.")."""
+    E = cfg.moe.num_experts
+    if cfg.family == "nemotron_h":
+        m = lp + "mixer."
+        names: dict = {"norm": lp + "norm.weight", "router": m + "gate.weight",
+                       "router_bias": m + "gate.e_score_correction_bias",
+                       "experts_up": PerExpert(m + "experts.{}.up_proj.weight", E, m + "experts.up_proj"),
+                       "experts_down": PerExpert(m + "experts.{}.down_proj.weight", E, m + "experts.down_proj")}
+        for ours, theirs in (("shared_up", "shared_experts.up_proj"), ("shared_down", "shared_experts.down_proj"),
+                             ("latent_in", "fc1_latent_proj"), ("latent_out", "fc2_latent_proj")):
+            if ours.startswith("latent") and not cfg.moe.latent_size:
+                continue
+            if ours.startswith("shared") and not cfg.moe.shared_intermediate_size:
+                continue
+            names[ours], names[ours + "_b"] = m + theirs + ".weight", m + theirs + ".bias"
+        return names
+    moe = lp + "block_sparse_moe."
+    names = {"norm": lp + "post_attention_layernorm.weight", "router": moe + "router.layer.weight",
+             "experts_gate": FusedPart(moe + "input_linear.weight", 0),
+             "experts_up": FusedPart(moe + "input_linear.weight", 1),
+             "experts_down": moe + "output_linear.weight"}
+    if cfg.moe.shared_intermediate_size:
+        names |= {"shared_gate": FusedPart(lp + "shared_mlp.input_linear.weight", 0),
+                  "shared_up": FusedPart(lp + "shared_mlp.input_linear.weight", 1),
+                  "shared_down": lp + "shared_mlp.output_linear.weight"}
+    return names
+
+
 def expected_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
     """Our stored shape of every parameter of a sublayer kind (projections [in, out])."""
     D = cfg.hidden_size
@@ -145,22 +196,33 @@ def expected_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         return {"norm": (D,), "q": (D, q), "q_b": (q,), "k": (D, kv), "k_b": (kv,), "v": (D, kv), "v_b": (kv,),
                 "o": (q, D), "o_b": (D,)}
+    if kind == "moe":
+        moe, X = cfg.moe, cfg.expert_width
+        E, I, S, Lt = moe.num_experts, moe.intermediate_size, moe.shared_intermediate_size, moe.latent_size
+        return {"norm": (D,), "router": (D, E), "router_bias": (E,), "experts_up": (E, X, I),
+                "experts_gate": (E, X, I), "experts_down": (E, I, X), "shared_up": (D, S), "shared_gate": (D, S),
+                "shared_down": (S, D), "shared_up_b": (S,), "shared_down_b": (D,), "latent_in": (D, Lt),
+                "latent_out": (Lt, D), "latent_in_b": (Lt,), "latent_out_b": (D,)}
     I = cfg.intermediate_size
     return {"norm": (D,), "gate": (D, I), "up": (D, I), "down": (I, D), "up_b": (I,), "down_b": (D,),
             "gate_b": (I,)}
 
 
-_OPTIONAL = {"in_proj_b", "out_proj_b", "conv_b", "q_b", "k_b", "v_b", "o_b", "up_b", "down_b", "gate_b"}
+_OPTIONAL = {"in_proj_b", "out_proj_b", "conv_b", "q_b", "k_b", "v_b", "o_b", "up_b", "down_b", "gate_b",
+             "shared_up_b", "shared_down_b", "latent_in_b", "latent_out_b"}
 
 
 def sublayer_sources(cfg: ModelConfig, pre: str) -> list[dict[str, str | Callable]]:
-    """For each sublayer: our name -> checkpoint tensor name (or a callable producing the tensor)."""
+    """For each sublayer: our name -> checkpoint tensor name, or a PerExpert / FusedPart spec for expert weights
+    (Granite's fused dense MLP input keeps its own key "gate_up")."""
     out = []
     if cfg.family == "nemotron_h":
         for i, kind in enumerate(cfg.sublayers):
             lp = f"{pre}layers.{i}."
             names: dict = {"norm": lp + "norm.weight"}
-            if kind == "mamba":
+            if kind == "moe":
+                names = _moe_names(cfg, lp)
+            elif kind == "mamba":
                 names |= _mamba_names(lp + "mixer.")
             elif kind == "attention":
                 names |= _attn_names(lp + "mixer.")
@@ -174,7 +236,9 @@ def sublayer_sources(cfg: ModelConfig, pre: str) -> list[dict[str, str | Callabl
         kind = cfg.sublayers[2 * j]
         mixer: dict = {"norm": lp + "input_layernorm.weight"}
         mixer |= _mamba_names(lp + "mamba.") if kind == "mamba" else _attn_names(lp + "self_attn.")
-        if cfg.family == "granitemoehybrid":
+        if cfg.sublayers[2 * j + 1] == "moe":
+            mlp = _moe_names(cfg, lp)
+        elif cfg.family == "granitemoehybrid":
             mlp = {"norm": lp + "post_attention_layernorm.weight", "gate_up": lp + "shared_mlp.input_linear.weight",
                    "down": lp + "shared_mlp.output_linear.weight"}
         else:
@@ -191,15 +255,36 @@ def _to_ours(name: str, a: np.ndarray) -> np.ndarray:
         return a.reshape(a.shape[0], a.shape[-1])  # torch [C, 1, W]
     if a.ndim == 2:
         return a.T  # torch Linear [out, in] -> [in, out]
+    if a.ndim == 3:
+        return a.transpose(0, 2, 1)  # experts [E, out, in] -> [E, in, out]
     return a
+
+
+def read_spec(w, spec, keys) -> tuple[np.ndarray, str]:
+    """The torch-layout tensor a source spec names (a name, PerExpert or FusedPart) and a name for messages."""
+    if isinstance(spec, PerExpert):
+        names = [spec.pattern.format(e) for e in range(spec.num)]
+        if names[0] not in keys and spec.fused in keys:
+            return w.get(spec.fused), spec.fused
+        return np.stack([w.get(n) for n in names]), spec.pattern.format("*")
+    if isinstance(spec, FusedPart):
+        a = w.get(spec.name)
+        n = a.shape[-2]
+        if n % spec.parts:
+            raise CheckpointError(f"weight {spec.name!r} has shape {tuple(a.shape)}: its dim -2 does not split "
+                                  f"into {spec.parts} equal parts")
+        k = n // spec.parts
+        return a[..., spec.part * k:(spec.part + 1) * k, :], spec.name
+    return w.get(spec), spec
 
 
 _DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "fp32": jnp.float32,
                 "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
                 "float16": jnp.float16, "half": jnp.float16, "fp16": jnp.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-#: Mamba parameters that enter exp/softplus of the recurrence: float32 whatever the dtype.
-FLOAT32_PARAMS = ("A_log", "D", "dt_bias")
+#: Mamba parameters that enter exp/softplus of the recurrence, and the MoE router's correction bias (float32 in
+#: transformers whatever the model dtype): float32 whatever the dtype.
+FLOAT32_PARAMS = ("A_log", "D", "dt_bias", "router_bias")
 
 
 def resolve_dtype(cfg: ModelConfig, dtype="auto") -> jnp.dtype:
@@ -236,7 +321,7 @@ def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False
         if tuple(a.shape) != tuple(shape):
             raise CheckpointError(f"weight {where!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
                                   f"(our layout {name})")
-        # Mamba A_log, D, dt_bias stay float32: they enter exp/softplus of the recurrence.
+        # Mamba A_log, D, dt_bias (and the router bias) stay float32.
         dt = np.dtype(jnp.float32 if name in FLOAT32_PARAMS else dtype)
         if a.dtype != dt:
             a = a.astype(dt)
@@ -258,8 +343,8 @@ def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False
                 continue
             if ours in _OPTIONAL and theirs not in keys:
                 continue
-            a = w.get(theirs)
-            p[ours] = put(_to_ours(ours, a), ours, shapes[ours], theirs)
+            a, where = read_spec(w, theirs, keys)
+            p[ours] = put(_to_ours(ours, a), ours, shapes[ours], where)
         layers.append(p)
     V, D = cfg.vocab_size, cfg.hidden_size
     embed_name = pre + ("embeddings.weight" if pre + "embeddings.weight" in keys else "embed_tokens.weight")
@@ -290,5 +375,6 @@ def load_pretrained(path: str, dtype="auto", stacked: bool = False) -> tuple[Mod
     return cfg, load_params(path, cfg, dtype, stacked=stacked)
 
 
-__all__ = ["DTYPE_CHOICES", "FLOAT32_PARAMS", "CheckpointError", "ConfigError", "load_pretrained", "load_params",
-           "read_config", "read_raw_tensor", "resolve_dtype", "sublayer_sources", "top_level_names"]
+__all__ = ["DTYPE_CHOICES", "FLOAT32_PARAMS", "CheckpointError", "ConfigError", "FusedPart", "PerExpert",
+           "load_pretrained", "load_params", "read_config", "read_raw_tensor", "read_spec", "resolve_dtype",
+           "sublayer_sources", "top_level_names"]

@@ -1,10 +1,10 @@
 """The layer stack as one `lax.scan` over Mamba units: one compiled body whatever the depth.
 
-A unit is one Mamba sublayer followed by its *tail*, the attention and MLP sublayers up to the next Mamba
-sublayer (NemotronH "M-", "M", "M*-"; Granite/Bamba "M-", "M-*-"). The scan runs over units; the tail is a fixed
-number of positions (the longest tail of the model), each `lax.switch`ing between nothing, attention and MLP. A
-56-layer Nemotron-H compiles one Mamba sublayer and two of each other kind instead of 56 sublayers. Sublayers
-before the first Mamba sublayer are unrolled.
+A unit is one Mamba sublayer followed by its *tail*, the attention, MLP and MoE sublayers up to the next Mamba
+sublayer (NemotronH "M-", "M", "M*-", "ME"; Granite/Bamba "M-", "M-*-"). The scan runs over units; the tail is a
+fixed number of positions (the longest tail of the model), each `lax.switch`ing between nothing, attention, MLP
+and MoE. A 56-layer Nemotron-H compiles one Mamba sublayer and two of each other kind instead of 56 sublayers.
+Sublayers before the first Mamba sublayer are unrolled. MoE touches no cache: it is one more compute branch.
 
 The cache pools must never enter a `lax.switch`: XLA copies a buffer that a conditional passes through, which
 would copy a whole pool per sublayer. So the Mamba update (unconditional) owns the Mamba pools, and attention is
@@ -27,17 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import layers as L
+from hybrid_jax import moe as M
 from hybrid_jax.config import ModelConfig
 
-KINDS = ("mamba", "attention", "mlp")
-NONE, ATTN, MLP = 0, 1, 2
-_TAIL_CODE = {"attention": ATTN, "mlp": MLP}
+KINDS = ("mamba", "attention", "mlp", "moe")
+NONE, ATTN, MLP, MOE = 0, 1, 2, 3
+_TAIL_CODE = {"attention": ATTN, "mlp": MLP, "moe": MOE}
 
 
 @dataclasses.dataclass(frozen=True)
 class UnitPlan:
     prefix: tuple[tuple[str, int], ...]   # (kind, index within kind) of the sublayers before the first Mamba
-    tail_kind: np.ndarray                 # [units, tail] NONE | ATTN | MLP
+    tail_kind: np.ndarray                 # [units, tail] NONE | ATTN | MLP | MOE
     tail_index: np.ndarray                # [units, tail] index within its kind (0 where NONE)
 
     @property
@@ -105,7 +106,7 @@ def _layer(stack, kind, j):
 
 
 def _position(stack, h, state, code, j, cfg: ModelConfig, mx: Mixers, pos_BT):
-    """One tail position: nothing, attention or MLP, chosen by the traced `code` (switch index)."""
+    """One tail position: nothing, attention, MLP or MoE, chosen by the traced `code` (switch index)."""
     B, T = pos_BT.shape
     dims = (B, T, cfg.num_heads, cfg.head_dim), (B, T, cfg.num_kv_heads, cfg.head_dim)
     zeros = lambda: (jnp.zeros(dims[0], h.dtype), jnp.zeros(dims[1], h.dtype), jnp.zeros(dims[1], h.dtype))
@@ -116,7 +117,8 @@ def _position(stack, h, state, code, j, cfg: ModelConfig, mx: Mixers, pos_BT):
         q, k, v = L.qkv(p, L.rms_norm(h, p["norm"], cfg.rms_eps), pos_BT, cfg)
         return q, k, v
 
-    q, k, v = (jax.lax.switch(code, [lambda h, j: zeros(), qkv_attn, lambda h, j: zeros()], h, j)
+    n_codes = 4 if "moe" in stack else 3  # a dense model's programs have no MoE branch at all
+    q, k, v = (jax.lax.switch(code, [lambda h, j: zeros(), qkv_attn] + [lambda h, j: zeros()] * (n_codes - 2), h, j)
                if has_attn else zeros())
     if has_attn:
         state = mx.write_kv(state, jnp.where(code == ATTN, j, 0), k, v, code == ATTN)
@@ -129,8 +131,12 @@ def _position(stack, h, state, code, j, cfg: ModelConfig, mx: Mixers, pos_BT):
         p = _layer(stack, "mlp", j)
         return residual(h, L.mlp(p, L.rms_norm(h, p["norm"], cfg.rms_eps), cfg), cfg)
 
-    branches = [lambda h, *a: h, attn if has_attn else (lambda h, *a: h), mlp if "mlp" in stack else
-                (lambda h, *a: h)]
+    def moe(h, q, k, v, state, j):
+        p = _layer(stack, "moe", j)
+        return residual(h, M.moe_block(p, L.rms_norm(h, p["norm"], cfg.rms_eps), cfg), cfg)
+
+    same = lambda h, *a: h
+    branches = [same, attn if has_attn else same, mlp if "mlp" in stack else same, moe][:n_codes]
     return jax.lax.switch(code, branches, h, q, k, v, state, j), state
 
 

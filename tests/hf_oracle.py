@@ -33,6 +33,10 @@ N_HEADS, N_KV_HEADS, HEAD_DIM = 4, 2, 16
 MAMBA_HEADS, MAMBA_HEAD_DIM, N_GROUPS, D_STATE, D_CONV = 8, 16, 2, 16, 4
 CHUNK = 16
 INTERMEDIATE = 128
+# Tiny mixture-of-experts shapes (NemotronH "E" layers; Granite with num_local_experts > 0 uses INTERMEDIATE for
+# its experts and shared MLP unless overridden).
+MOE_NEMOTRON = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                    moe_shared_expert_intermediate_size=48)
 
 _INF = float("inf")
 # pattern character -> transformers 5.23 layer-type name (the legacy names
@@ -87,6 +91,8 @@ def _config(family: str, types: list[str], overrides: dict):
             # (time_step_min, inf)); real checkpoints write (0, inf).
             time_step_limit=(0.0, _INF),
         )
+        if "moe" in types:
+            kw.update(MOE_NEMOTRON)
         kw.update(overrides)
         return NemotronHConfig(**kw)
 
@@ -171,6 +177,9 @@ def _loud_init_(model: torch.nn.Module, seed: int) -> None:
         else:  # matrices and embeddings
             v = 0.15 * randn(p)
         p.copy_(v.to(p.dtype))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # NemotronH router bias: a saved buffer, zero by default
+            b.copy_((0.1 * randn(b)).to(b.dtype))
 
 
 def _dump_json(obj, path: str, bare_inf: bool) -> None:
@@ -225,8 +234,8 @@ def make_tiny_checkpoint(
 ) -> str:
     """Write a tiny random float32 checkpoint of ``family`` to ``out_dir``.
 
-    layer_pattern: "M" mamba, "*" attention, "-" MLP (nemotron_h only), as a
-        string, or a list of layer-type names ("mamba"/"attention" or the 5.23
+    layer_pattern: "M" mamba, "*" attention, "-" MLP, "E" mixture of experts
+        (nemotron_h only; tiny MOE_NEMOTRON shapes unless overridden), as a string, or a list of layer-type names ("mamba"/"attention" or the 5.23
         names "linear_attention"/"full_attention"/"mlp").
     legacy_pattern (nemotron_h): config.json holds ``hybrid_override_pattern``
         (+ ``num_hidden_layers``) instead of ``layers_block_type``, like the
@@ -242,7 +251,8 @@ def make_tiny_checkpoint(
         "tagged" -> {"__float__": "Infinity"} (what transformers 5.x writes),
         "bare"   -> the non-standard JSON token Infinity (older writers),
         "omit"   -> key absent (loader must fall back to the (0, inf) default).
-    overrides: any config field (e.g. position_embedding_type="nope").
+    overrides: any config field (e.g. position_embedding_type="nope"; for a
+        Granite MoE: num_local_experts=8, num_experts_per_tok=2).
     """
     from transformers import AutoModelForCausalLM
 
@@ -322,8 +332,18 @@ def load_reference(out_dir: str | os.PathLike):
     """HF model in float32 / eval / eager attention, with the oracle patch."""
     from transformers import AutoModelForCausalLM
 
+    from transformers import AutoConfig
+
+    kw = {}
+    config = AutoConfig.from_pretrained(os.fspath(out_dir))
+    if config.model_type == "nemotron_h":
+        has_moe = "moe" in config.layers_block_type
+    else:
+        has_moe = (getattr(config, "num_local_experts", 0) or 0) > 0
+    if has_moe:
+        kw["experts_implementation"] = "eager"  # the plain per-expert loop of the modeling code
     model = AutoModelForCausalLM.from_pretrained(
-        os.fspath(out_dir), dtype=torch.float32, attn_implementation="eager"
+        os.fspath(out_dir), dtype=torch.float32, attn_implementation="eager", **kw
     )
     model.eval()
     _patch_time_step_limit(model)

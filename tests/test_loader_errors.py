@@ -1,4 +1,5 @@
-"""Clear loader errors: missing files, unknown architecture, a weight of the wrong shape, MoE not supported."""
+"""Clear loader errors: missing files, unknown architecture, a weight of the wrong shape, MoE configs that do not
+add up, MoE layers whose expert weights are missing."""
 from __future__ import annotations
 
 import json
@@ -79,13 +80,28 @@ def test_missing_tensor(ckpt):
         hybrid_jax.load_pretrained(ckpt)
 
 
-@pytest.mark.parametrize("changes", [
-    {"layers_block_type": ["mamba", "moe", "attention", "mamba"]},
-    {"model_type": "granitemoehybrid", "num_local_experts": 8, "layer_types": ["mamba"]},
+MOE = ["mamba", "moe", "attention", "mamba"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"layers_block_type": MOE, "n_routed_experts": 8, "n_group": 3}, "n_group=3"),
+    ({"layers_block_type": MOE, "n_routed_experts": 8, "n_group": 4, "topk_group": 1, "num_experts_per_tok": 3},
+     "num_experts_per_tok=3"),
+    ({"layers_block_type": MOE, "moe_intermediate_size": 0}, "moe_intermediate_size"),
+    ({"model_type": "granitemoehybrid", "num_local_experts": 8, "num_experts_per_tok": 9, "layer_types": ["mamba"],
+      "mamba_n_heads": 8}, "num_experts_per_tok=9"),
 ])
-def test_moe_refused(ckpt, changes):
+def test_moe_config_that_does_not_add_up(ckpt, changes, message):
     _edit_config(ckpt, **changes)
-    with pytest.raises(ConfigError, match="(?i)experts|moe"):
+    with pytest.raises(ConfigError, match=message):
+        hybrid_jax.load_pretrained(ckpt)
+
+
+def test_moe_layer_without_expert_weights(ckpt):
+    """A dense checkpoint whose config says MoE: the loader names the first missing MoE tensor."""
+    _edit_config(ckpt, layers_block_type=MOE, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                 moe_shared_expert_intermediate_size=8)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mixer\.gate\.weight.*missing"):
         hybrid_jax.load_pretrained(ckpt)
 
 
