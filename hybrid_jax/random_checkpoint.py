@@ -1,13 +1,18 @@
 """Write random-weight checkpoints in the exact on-disk layout of the real Hugging Face checkpoints.
 
-Supported architectures (dense only; MoE configs are refused):
+Supported architectures:
 
-* ``nemotron_h`` (NemotronHForCausalLM: Nemotron-H, Nemotron Nano 2) -- tensors under ``backbone.*``
-  (``embeddings``, ``layers.N.norm``, ``layers.N.mixer.*``, ``norm_f``) plus ``lm_head``, as the
-  released checkpoints store them (transformers renames ``backbone.`` to ``model.`` on load).
-* ``granitemoehybrid`` (GraniteMoeHybridForCausalLM: Granite 4.0-H dense) -- ``model.*`` with
-  ``layers.N.{input_layernorm,post_attention_layernorm,mamba.*|self_attn.*,shared_mlp.*}``; no
-  ``lm_head`` when ``tie_word_embeddings``.
+* ``nemotron_h`` (NemotronHForCausalLM: Nemotron-H, Nemotron Nano 2, Nemotron 3 with MoE "E" layers) --
+  tensors under ``backbone.*`` (``embeddings``, ``layers.N.norm``, ``layers.N.mixer.*``, ``norm_f``) plus
+  ``lm_head``, as the released checkpoints store them (transformers renames ``backbone.`` to ``model.`` on
+  load). MoE layers: ``mixer.gate.weight``, ``mixer.gate.e_score_correction_bias`` (float32, as transformers
+  keeps and saves it), one ``mixer.experts.{e}.{up,down}_proj.weight`` per expert (transformers merges them
+  into 3-D tensors on load and splits them again on save), ``mixer.shared_experts.*`` and, with
+  ``moe_latent_size``, ``mixer.fc{1,2}_latent_proj.*``.
+* ``granitemoehybrid`` (GraniteMoeHybridForCausalLM: Granite 4.0-H dense and MoE) -- ``model.*`` with
+  ``layers.N.{input_layernorm,post_attention_layernorm,mamba.*|self_attn.*,shared_mlp.*}`` and, with
+  ``num_local_experts`` > 0, ``block_sparse_moe.{input_linear,output_linear,router.layer}.weight``
+  (experts fused: [E, 2I, D], [E, D, I]); no ``lm_head`` when ``tie_word_embeddings``.
 * ``bamba`` (BambaForCausalLM) -- ``model.*`` with ``layers.N.{input_layernorm,pre_ff_layernorm,
   mamba.*|self_attn.*,feed_forward.*}``, ``final_layernorm``, plus ``lm_head`` unless tied.
 
@@ -74,7 +79,7 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16
 
 
 class UnsupportedConfigError(ValueError):
-    """The config is of an architecture this writer does not produce (MoE, unknown model_type, ...)."""
+    """The config is of an architecture this writer does not produce (unknown model_type, ...)."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,15 @@ class TensorSpec:
 
     ``init`` is one of: ``normal`` (N(0, std)), ``ones``, ``zeros``, ``a_log`` (log(1..n)),
     ``dt_bias`` (inverse softplus of log-uniform dt in [time_step_min, time_step_max]).
-    ``std`` is None for ``normal`` tensors that use the writer's ``init_std``.
+    ``std`` is None for ``normal`` tensors that use the writer's ``init_std``. ``dtype`` is None for
+    tensors stored in the checkpoint's dtype, or a fixed storage dtype ("float32").
     """
 
     name: str
     shape: tuple[int, ...]
     init: str = "normal"
     std: float | None = None
+    dtype: str | None = None
 
     @property
     def numel(self) -> int:
@@ -224,12 +231,14 @@ def check_supported(config: dict) -> str:
     mt = _model_type(config)
     kinds = layer_kinds(config)
     if "moe" in kinds:
-        raise UnsupportedConfigError(
-            f"{mt} config has MoE layers ('E' / 'moe' in the layer pattern); only dense models are supported")
+        if mt != "nemotron_h":
+            raise UnsupportedConfigError(f"{mt} has no standalone 'moe' layers (Granite: num_local_experts)")
+        for key in ("n_routed_experts", "moe_intermediate_size"):
+            if not int(config.get(key) or 0):
+                raise UnsupportedConfigError(f"nemotron_h MoE layers need a positive {key!r}")
     if mt == "granitemoehybrid" and int(config.get("num_local_experts") or 0) > 0:
-        raise UnsupportedConfigError(
-            f"granitemoehybrid config has num_local_experts={config['num_local_experts']} (MoE); "
-            "only dense models (num_local_experts 0) are supported")
+        if not int(config.get("intermediate_size") or 0):
+            raise UnsupportedConfigError("granitemoehybrid MoE layers need a positive 'intermediate_size'")
     if mt == "nemotron_h" and int(config.get("num_hidden_layers", len(kinds))) != len(kinds):
         raise UnsupportedConfigError(
             f"num_hidden_layers={config['num_hidden_layers']} does not match the {len(kinds)}-layer pattern")
@@ -318,6 +327,38 @@ def _attn_specs(pre: str, config: dict, bias: bool) -> list[TensorSpec]:
     return out
 
 
+def _nemotron_moe_specs(mix: str, h: int, config: dict) -> list[TensorSpec]:
+    """A NemotronH MoE mixer (transformers NemotronHMoE), in the on-disk per-expert layout."""
+    e = int(config["n_routed_experts"])
+    inter = int(config["moe_intermediate_size"])
+    shared = int(config.get("moe_shared_expert_intermediate_size") or 0)
+    latent = int(config.get("moe_latent_size") or 0)
+    width = latent or h
+    bias = bool(config.get("mlp_bias", False))
+    specs = [TensorSpec(mix + "gate.weight", (e, h)),
+             TensorSpec(mix + "gate.e_score_correction_bias", (e,), "zeros", dtype="float32")]
+    for k in range(e):
+        specs.append(TensorSpec(f"{mix}experts.{k}.up_proj.weight", (inter, width)))
+        specs.append(TensorSpec(f"{mix}experts.{k}.down_proj.weight", (width, inter)))
+    projections = [("shared_experts.up_proj", shared, h), ("shared_experts.down_proj", h, shared)]
+    if latent:
+        projections += [("fc1_latent_proj", latent, h), ("fc2_latent_proj", h, latent)]
+    for name, out_dim, in_dim in projections:
+        specs.append(TensorSpec(f"{mix}{name}.weight", (out_dim, in_dim)))
+        if bias:
+            specs.append(TensorSpec(f"{mix}{name}.bias", (out_dim,), "zeros"))
+    return specs
+
+
+def _granite_moe_specs(pre: str, h: int, config: dict) -> list[TensorSpec]:
+    """Granite's routed experts (fused over experts, as the checkpoints store them) and router."""
+    e, inter = int(config["num_local_experts"]), int(config["intermediate_size"])
+    moe = pre + "block_sparse_moe."
+    return [TensorSpec(moe + "input_linear.weight", (e, 2 * inter, h)),
+            TensorSpec(moe + "output_linear.weight", (e, h, inter)),
+            TensorSpec(moe + "router.layer.weight", (e, h))]
+
+
 def plan_checkpoint(config: dict) -> list[TensorSpec]:
     """Ordered list of every tensor the real checkpoint of ``config`` stores (name, shape, init)."""
     mt = check_supported(config)
@@ -341,6 +382,8 @@ def plan_checkpoint(config: dict) -> list[TensorSpec]:
                 specs += _mamba_specs(mix, h, m, conv_std)
             elif kind == "attention":
                 specs += _attn_specs(mix, config, attn_bias)
+            elif kind == "moe":
+                specs += _nemotron_moe_specs(mix, h, config)
             else:  # mlp
                 specs.append(TensorSpec(mix + "up_proj.weight", (inter, h)))
                 if mlp_bias:
@@ -356,6 +399,8 @@ def plan_checkpoint(config: dict) -> list[TensorSpec]:
         for i, kind in enumerate(kinds):
             pre = f"model.layers.{i}."
             specs += _granite_bamba_mixer_specs(pre, kind, h, m, conv_std, config, attn_bias)
+            if int(config.get("num_local_experts") or 0) > 0:
+                specs += _granite_moe_specs(pre, h, config)
             specs.append(TensorSpec(pre + "shared_mlp.input_linear.weight", (2 * shared, h)))
             specs.append(TensorSpec(pre + "shared_mlp.output_linear.weight", (h, shared)))
             specs.append(TensorSpec(pre + "post_attention_layernorm.weight", (h,), "ones"))
@@ -389,10 +434,14 @@ def _canon_dtype(dtype: str) -> str:
     return d
 
 
+def _spec_itemsize(spec: TensorSpec, dtype: str) -> int:
+    return _DTYPES[spec.dtype or dtype][1]
+
+
 def checkpoint_nbytes(config: dict, dtype: str = "bfloat16") -> int:
     """Total tensor bytes of the checkpoint (the index's ``metadata.total_size``)."""
-    itemsize = _DTYPES[_canon_dtype(dtype)][1]
-    return sum(s.numel for s in plan_checkpoint(config)) * itemsize
+    dtype = _canon_dtype(dtype)
+    return sum(s.numel * _spec_itemsize(s, dtype) for s in plan_checkpoint(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,11 +524,11 @@ def tensor_values(spec: TensorSpec, seed: int = 0, init_std: float = 0.02, confi
 # safetensors writing
 
 
-def _shard_plan(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list[TensorSpec]]:
+def _shard_plan(specs: list[TensorSpec], dtype: str, max_shard_bytes: int) -> list[list[TensorSpec]]:
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for s in specs:
-        nb = s.numel * itemsize
+        nb = s.numel * _spec_itemsize(s, dtype)
         if shards[-1] and size + nb > max_shard_bytes:
             shards.append([])
             size = 0
@@ -490,10 +539,10 @@ def _shard_plan(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) ->
 
 def _write_safetensors(path: str, specs: list[TensorSpec], dtype: str, seed: int, init_std: float,
                        config: dict) -> None:
-    tag, itemsize, _ = _DTYPES[dtype]
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for s in specs:
+        tag, itemsize, _ = _DTYPES[s.dtype or dtype]
         nb = s.numel * itemsize
         header[s.name] = {"dtype": tag, "shape": list(s.shape), "data_offsets": [off, off + nb]}
         off += nb
@@ -508,12 +557,12 @@ def _write_safetensors(path: str, specs: list[TensorSpec], dtype: str, seed: int
         for s in specs:
             written = 0
             for chunk in _chunks(s, seed, init_std, config):
-                b = _encode(chunk, dtype)
+                b = _encode(chunk, s.dtype or dtype)
                 written += len(b)
                 pending.append(io.submit(f.write, b))
                 while len(pending) > 2:  # bounded memory: at most a few chunks in flight
                     pending.popleft().result()
-            if written != s.numel * itemsize:
+            if written != s.numel * _spec_itemsize(s, dtype):
                 raise RuntimeError(f"internal error: wrote {written} bytes for {s.name}")
         while pending:
             pending.popleft().result()
@@ -541,14 +590,13 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str = "bfloat16", seed
     totalling more than ``max_shard_bytes`` are split over ``model-0000K-of-0000N.safetensors``
     with ``model.safetensors.index.json``; otherwise a single ``model.safetensors`` is written.
     ``num_layers`` (with ``cover_kinds``) truncates the layer list first, see truncate_config.
-    Raises UnsupportedConfigError for MoE / unknown architectures.
+    Raises UnsupportedConfigError for unknown architectures or MoE configs missing their sizes.
     """
     dtype = _canon_dtype(dtype)
     cfg = copy.deepcopy(config)
     if num_layers is not None:
         cfg = truncate_config(cfg, num_layers, cover_kinds=cover_kinds)
     specs = plan_checkpoint(cfg)
-    itemsize = _DTYPES[dtype][1]
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     for fn in os.listdir(out_dir):  # stale weights from an earlier run would confuse loaders
@@ -563,8 +611,8 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str = "bfloat16", seed
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
 
-    total = sum(s.numel for s in specs) * itemsize
-    shards = _shard_plan(specs, itemsize, max_shard_bytes)
+    total = sum(s.numel * _spec_itemsize(s, dtype) for s in specs)
+    shards = _shard_plan(specs, dtype, max_shard_bytes)
     if len(shards) == 1:
         _write_safetensors(os.path.join(out_dir, "model.safetensors"), specs, dtype, seed, init_std, cfg)
         return out_dir
@@ -609,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     nparams = sum(s.numel for s in specs)
-    nbytes = nparams * _DTYPES[a.dtype][1]
+    nbytes = sum(s.numel * _spec_itemsize(s, a.dtype) for s in specs)
     print(f"writing {len(specs)} tensors, {nparams / 1e6:.1f}M params, {nbytes / 1e9:.2f} GB ({a.dtype}) to {a.out}",
           file=sys.stderr)
     write_random_checkpoint(cfg, a.out, dtype=a.dtype, seed=a.seed, init_std=a.init_std,
