@@ -20,18 +20,23 @@ class Conversation:
     turns: int = 0
     last_used: float = dataclasses.field(default_factory=time.time)
     busy: bool = False
+    held: bool = False        # its last turn finished and awaits confirmation of delivery (two-phase commit)
     seen: list[dict] | None = None  # the same messages as the client received them (stop strings cut,
                                     # special tokens hidden): a resent history matches either form
 
 
 class ConversationLedger:
-    def __init__(self):
-        self._lock = threading.Lock()
+    def __init__(self, settle_wait: float = 10.0):
+        self._lock = threading.Condition()
         self._convs: dict[tuple[str | None, str], Conversation] = {}
+        self.settle_wait = settle_wait
 
     def lease(self, key) -> Conversation | None:
-        """Take the lease of key; returns a snapshot of the committed conversation (None if new)."""
+        """Take the lease of key; returns a snapshot of the committed conversation (None if new). A turn that
+        finished but awaits confirmation of its delivery is waited for (a client sends its next turn as soon as
+        it has read the answer, which can be before the server has settled it)."""
         with self._lock:
+            self._lock.wait_for(lambda: not (key in self._convs and self._convs[key].held), self.settle_wait)
             conv = self._convs.get(key)
             if conv is None:
                 self._convs[key] = Conversation(messages=[], ids=[], busy=True)
@@ -52,13 +57,20 @@ class ConversationLedger:
             conv = self._convs.get(key)
             if conv is None:
                 return
-            conv.busy = False
+            conv.busy = conv.held = False
+            self._lock.notify_all()
             if ok:
                 conv.messages, conv.ids, conv.seen = messages, ids, seen
                 conv.turns += 1
                 conv.last_used = time.time()
             elif conv.turns == 0:
                 del self._convs[key]
+
+    def hold(self, key) -> None:
+        """The turn in flight finished; its commit waits for the confirmation of its delivery."""
+        with self._lock:
+            if key in self._convs:
+                self._convs[key].held = True
 
     def get(self, key) -> Conversation | None:
         with self._lock:

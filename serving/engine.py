@@ -26,6 +26,7 @@ import numpy as np
 import hybrid_jax
 from hybrid_jax import ledger as L
 from hybrid_jax.memory import device_memory_bytes, param_bytes, parse_bytes, plan_cache
+from hybrid_jax.sharding import shard_model
 from hybrid_jax.stack import stack_layers
 from serving.cache_manager import MISS_CAUSES, CacheManager
 from serving.conversations import ConversationLedger
@@ -73,8 +74,14 @@ class RequestHandle:
         return self._req.result
 
     def abort(self) -> None:
+        """Cancel the request; a finished two-phase turn not yet settled is discarded."""
         self._req.aborted = True
-        self._engine._wake()
+        self.settle(False)
+
+    def settle(self, delivered: bool) -> None:
+        """Two-phase requests (two_phase=True): commit the finished turn once its answer was delivered, or
+        discard it. Idempotent; a no-op for other requests and after the first call."""
+        self._engine._inbox.put(("settle", self._req, bool(delivered)))
 
 
 def default_batched_tokens() -> int:
@@ -97,10 +104,12 @@ class Engine:
                  max_num_seqs=8, num_blocks=None, num_slots=None, kv_memory=None, gpu_memory_utilization=None,
                  max_prefill_tokens=256, max_prefill_rows=4, max_num_batched_tokens=None, max_waiting=1024,
                  host_cache_memory="1GiB",
-                 model_name="default", metrics=None, async_scheduling=True):
+                 model_name="default", metrics=None, async_scheduling=True, delivery_timeout=120.0, tensor_parallel_size=1):
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
         params = stack_layers(params, cfg)
+        # tensor parallel: cfg in the sharded layout, params placed over the mesh (hybrid_jax/sharding.py)
+        cfg, params = shard_model(cfg, params, int(tensor_parallel_size))
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.cache_mode, self.block_size = cache_mode, int(block_size)
         self.max_model_len, self.max_num_seqs = int(max_model_len), int(max_num_seqs)
@@ -134,6 +143,8 @@ class Engine:
         self._ids = itertools.count()
         self._inbox: queue.Queue = queue.Queue()
         self._inflight = None   # (Sampled, {request: row}) of the decode step dispatched last
+        self._held: dict = {}   # finished two-phase requests awaiting settle -> deadline
+        self.delivery_timeout = float(delivery_timeout)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -145,7 +156,8 @@ class Engine:
         """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models); chat_template (a
         jinja file or the template itself) replaces the checkpoint's."""
         model_dir = path or DEFAULT_MODEL_DIR
-        cfg, params = hybrid_jax.load_pretrained(model_dir, dtype=dtype, stacked=True)
+        tp = int(kw.get("tensor_parallel_size", 1))  # > 1: read to the host, sharded in __init__
+        cfg, params = hybrid_jax.load_pretrained(model_dir, dtype=dtype, stacked=True, on_host=tp > 1)
         tok = load_tokenizer(model_dir)
         if chat_template is not None:  # a jinja file or the template itself
             tok.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
@@ -177,17 +189,20 @@ class Engine:
     def chat(self, messages, conversation_id=None, cache_salt=None, **sampling) -> ChatResult:
         return self.chat_stream(messages, conversation_id, cache_salt, **sampling).result()
 
-    def chat_stream(self, messages, conversation_id=None, cache_salt=None, **sampling) -> RequestHandle:
+    def chat_stream(self, messages, conversation_id=None, cache_salt=None, two_phase=False,
+                    **sampling) -> RequestHandle:
+        """Submit a chat turn. With two_phase=True the finished turn is committed only when the caller settles
+        it (handle.settle(True), once the answer was delivered); otherwise it commits when it finishes."""
         sp = SamplingParams.create(**sampling)
         msgs = validate_messages(messages)
         if conversation_id is None:
             return self._submit(chat_request(self.tokenizer, self._rid("chatcmpl"), msgs, sp,
-                                             validate_salt(cache_salt)))
+                                             validate_salt(cache_salt)), two_phase)
         key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
             req = conversation_request(self.tokenizer, self._rid("chatcmpl"), key, conv, msgs, sp)
-            return self._submit(req)
+            return self._submit(req, two_phase)
         except BaseException:
             self.conversations.finish(key, ok=False)
             raise
@@ -195,7 +210,8 @@ class Engine:
     def complete(self, prompt, conversation_id=None, cache_salt=None, **sampling) -> ChatResult:
         return self.complete_stream(prompt, conversation_id, cache_salt, **sampling).result()
 
-    def complete_stream(self, prompt, conversation_id=None, cache_salt=None, **sampling) -> RequestHandle:
+    def complete_stream(self, prompt, conversation_id=None, cache_salt=None, two_phase=False,
+                        **sampling) -> RequestHandle:
         """Raw completion. With a conversation_id, prompt continues the conversation's committed tokens
         (no chat template): the turn computes only the new tokens."""
         sp = SamplingParams.create(**sampling)
@@ -211,7 +227,7 @@ class Engine:
         if not ids:
             raise BadRequest("prompt is empty", param="prompt")
         if conversation_id is None:
-            return self._submit(Request(self._rid("cmpl"), ids, sp, salt=validate_salt(cache_salt)))
+            return self._submit(Request(self._rid("cmpl"), ids, sp, salt=validate_salt(cache_salt)), two_phase)
         key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
@@ -219,7 +235,7 @@ class Engine:
             msgs = conv.messages if conv is not None else []
             return self._submit(Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, salt=key[0],
                                         new_messages=msgs,
-                                         raw_turn=True))
+                                         raw_turn=True), two_phase)
         except BaseException:
             self.conversations.finish(key, ok=False)
             raise
@@ -275,7 +291,7 @@ class Engine:
     def _rid(self, prefix):
         return f"{prefix}-{next(self._ids):08d}{os.getpid() % 10000:04d}"
 
-    def _submit(self, req: Request) -> RequestHandle:
+    def _submit(self, req: Request, two_phase: bool = False) -> RequestHandle:
         n = len(req.prompt_ids)
         if n >= self.max_model_len:
             raise PromptTooLong(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
@@ -284,6 +300,7 @@ class Engine:
         if len(self.scheduler.waiting) + self._inbox.qsize() >= self.max_waiting:
             raise Overloaded("too many waiting requests; retry later")
         req.decoder = IncrementalDecoder(self.tokenizer)
+        req.two_phase = bool(two_phase)
         if req.sp.logprobs:
             req.logprobs = []
         self._inbox.put(req)
@@ -313,6 +330,8 @@ class Engine:
         while True:
             if isinstance(item, Request):
                 self.scheduler.waiting.append(item)
+            elif isinstance(item, tuple) and item[0] == "settle":
+                self._settle_held(item[1], item[2])
             elif isinstance(item, tuple) and item[0] == "call":
                 _, fn, box, ev = item
                 try:
@@ -344,9 +363,13 @@ class Engine:
         self._collect()
         for req in self.scheduler.waiting + self.scheduler.running:
             self._finish(req, "abort", ok=False)
+        for req in list(self._held):
+            self._settle_held(req, False)
 
     def _step(self):
         s = self.scheduler
+        if self._held:
+            self._expire_held()
         self._reap_aborted()
         s.admit(lambda req, msg: self._finish(req, "error", ok=False, error=msg))
         self._decode()
@@ -441,6 +464,8 @@ class Engine:
 
     # ---------------------------------------------------------------- finishing (step 7)
     def _finish(self, r: Request, reason: str, ok: bool, error: str | None = None):
+        """End a request: its result is final. Its state is committed (ok) or released now, or, for a two-phase
+        request that finished well, held until the caller settles it (or the delivery timeout passes)."""
         if r.done.is_set():
             return
         s = self.scheduler
@@ -448,12 +473,12 @@ class Engine:
             s.running.remove(r)
         if r in s.waiting:
             s.waiting.remove(r)
-        if r.pending is not None:
-            n = r.pending.snap_len if self.cache_mode == "align" else r.num_computed
-            self.caches.commit(r.pending, ok, r.salt, np.asarray(r.tokens(0, n), np.int32), r.key)
-            r.pending = None
-        if r.key is not None:
-            self._finish_conversation(r, ok)
+        if ok and r.two_phase and not r.aborted:
+            self._held[r] = time.monotonic() + self.delivery_timeout
+            if r.key is not None:
+                self.conversations.hold(r.key)
+        else:
+            self._settle(r, ok)
         self._counters["requests_finished"] += 1
         self.metrics.observe_e2e(time.perf_counter() - r.t_arrival)
         r.result = ChatResult(text=r.text, token_ids=list(r.generated), prompt_tokens=len(r.prompt_ids),
@@ -462,6 +487,28 @@ class Engine:
         r.admitted.set()
         r.out.put(None)
         r.done.set()
+
+    def _settle_held(self, r: Request, delivered: bool):
+        if self._held.pop(r, None) is not None:
+            self._settle(r, delivered)
+        elif not r.done.is_set() and not delivered:
+            r.aborted = True  # settled as undelivered before it finished: abort it
+
+    def _expire_held(self):
+        now = time.monotonic()
+        for r in [r for r, deadline in self._held.items() if deadline < now]:
+            log.warning("request %s: answer not confirmed delivered in %.0fs; its turn is discarded", r.rid,
+                        self.delivery_timeout)
+            self._settle_held(r, False)
+
+    def _settle(self, r: Request, ok: bool):
+        """Step 7: commit the turn's state and conversation (ok) or release them."""
+        if r.pending is not None:
+            n = r.pending.snap_len if self.cache_mode == "align" else r.num_computed
+            self.caches.commit(r.pending, ok, r.salt, np.asarray(r.tokens(0, n), np.int32), r.key)
+            r.pending = None
+        if r.key is not None:
+            self._finish_conversation(r, ok)
 
     def _finish_conversation(self, r: Request, ok: bool):
         if ok and r.raw_turn:

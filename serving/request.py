@@ -89,6 +89,7 @@ class Request:
     new_messages: list[dict] | None = None   # committed messages of this turn on success
     new_seen: list[dict] | None = None       # the same, as the client saw them
     raw_turn: bool = False                   # a raw completion turn: commits no assistant message
+    two_phase: bool = False                  # commit only when the caller settles it as delivered
     pending: L.Pending | None = None
     attached: int = 0
     num_computed: int = 0                     # tokens fed to the device (dispatched steps included)

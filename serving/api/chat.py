@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving import openai_format
-from serving.api.common import ServerContext, header_salt, sse
+from serving.api.common import DeliveringJSONResponse, ServerContext, header_salt, sse
 from serving.protocol import ChatCompletionRequest
 
 
@@ -50,8 +50,8 @@ def router(ctx: ServerContext) -> APIRouter:
             ctx.observe_e2e(t0)
             metrics.count_request("chat", result.finish_reason)
             logprobs = {"content": lp_fmt.chat(result.logprobs or [])} if body.logprobs else None
-            return openai_format.chat_completion(result, model=model_name, request_id=rid, created=now,
-                                                 logprobs=logprobs)
+            return DeliveringJSONResponse(openai_format.chat_completion(
+                result, model=model_name, request_id=rid, created=now, logprobs=logprobs), pump)
 
         def chunk(delta=None, finish_reason=None, logprobs=None, role=False):
             d = {}

@@ -106,6 +106,7 @@ class Pump:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.settled = False
         self._checked = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="serving-stream", daemon=True)
         self._thread.start()
@@ -138,6 +139,13 @@ class Pump:
             except asyncio.TimeoutError:
                 pass
 
+    def settle(self, delivered: bool):
+        """Two-phase commit: the turn commits once its answer was handed to the transport, else it is
+        discarded (called once, by the response that carries the answer)."""
+        if not self.settled:
+            self.settled = True
+            self.handle.settle(delivered)
+
     def abort(self):
         if not self.finished:
             self.finished = True
@@ -164,15 +172,37 @@ class AbortingStreamingResponse(StreamingResponse):
     complete stream the abort is a no-op."""
 
     def __init__(self, content, pump: Pump):
-        super().__init__(content, media_type="text/event-stream",
+        super().__init__(self._tracked(content), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.pump = pump
+        self.pump, self.completed = pump, False
+
+    async def _tracked(self, content):
+        async for chunk in content:
+            yield chunk
+        self.completed = True  # asked for more after the last event was sent: all of it reached the transport
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.pump.abort()
+            self.pump.settle(self.completed)
+
+
+class DeliveringJSONResponse(JSONResponse):
+    """A whole-body answer whose turn commits once the body was sent (discarded if sending failed)."""
+
+    def __init__(self, content, pump: Pump):
+        super().__init__(content)
+        self.pump = pump
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except BaseException:
+            self.pump.settle(False)
+            raise
+        self.pump.settle(True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +298,7 @@ class ServerContext:
         """Submit to the engine and wait for its first event (errors before any output become a status)."""
         t0 = time.perf_counter()
         try:
-            handle = await call(fn, *args, **kwargs)
+            handle = await call(fn, *args, two_phase=True, **kwargs)
         except Exception as e:
             raise as_api_error(e) from None
         pump = Pump(handle)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving import openai_format
-from serving.api.common import ServerContext, header_salt, vocab_size
+from serving.api.common import DeliveringJSONResponse, ServerContext, header_salt, vocab_size
 from serving.protocol import APIError, CompletionRequest
 
 
@@ -54,10 +54,10 @@ def router(ctx: ServerContext) -> APIRouter:
             ctx.observe_e2e(t0)
             metrics.count_request("completions", result.finish_reason)
             lp = lp_fmt.completion(result.logprobs or [], 0) if want_lp else None
-            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "text": result.text, "logprobs": lp,
-                                 "finish_reason": result.finish_reason}],
-                    "usage": openai_format.usage(result)}
+            return DeliveringJSONResponse({
+                "id": rid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "text": result.text, "logprobs": lp, "finish_reason": result.finish_reason}],
+                "usage": openai_format.usage(result)}, pump)
 
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
         offset = [0]

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.api.common import ServerContext, check_salt, header_salt, query_salt, sse
+from serving.api.common import DeliveringJSONResponse, ServerContext, check_salt, header_salt, query_salt, sse
 from serving.protocol import Id, APIError, as_api_error
 from serving.responses_store import ResponsesStore
 
@@ -310,7 +310,7 @@ def router(ctx: ServerContext, store: ResponsesStore) -> APIRouter:
             err = ctx.finish_error(result)
             if err is not None:
                 return ctx.error_response(err)
-            return final(result)
+            return DeliveringJSONResponse(final(result), pump)
 
         seq = itertools.count()
 
