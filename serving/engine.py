@@ -144,6 +144,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._inflight = None   # (Sampled, {request: row}) of the decode step dispatched last
         self._held: dict = {}   # finished two-phase requests awaiting settle -> deadline
+        self._step_rows: list = []  # the requests of the step being built or run (a failure is theirs)
         self.delivery_timeout = float(delivery_timeout)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -350,21 +351,40 @@ class Engine:
                 s = self.scheduler
                 self._drain(block=not (s.waiting or s.running or self._inflight))
                 self._step()
-            except Exception as e:  # never let one bad step kill the engine: fail the running requests
-                log.exception("engine step failed")
-                self._inflight = None
-                for req in list(self.scheduler.running):
-                    self._finish(req, "error", ok=False, error=f"{type(e).__name__}: {e}")
-                if any(x.is_deleted() for x in jax.tree_util.tree_leaves(self.caches.cache)):
-                    # The failed step had been handed the (donated) cache: start over with an empty one. The
-                    # conversations keep their messages and token ids, so their next turns recompute.
-                    log.error("the device cache was lost in the failed step; continuing with an empty cache")
-                    self.caches.reset()
+            except Exception as e:  # never let one bad step kill the engine
+                try:
+                    self._recover(e)
+                except Exception:  # nor its recovery: the loop goes on, /health keeps telling the truth
+                    log.exception("recovery from a failed step failed")
         self._collect()
         for req in self.scheduler.waiting + self.scheduler.running:
             self._finish(req, "abort", ok=False)
         for req in list(self._held):
             self._settle_held(req, False)
+
+    def _recover(self, e: Exception):
+        """A step failed: fail the requests of that step only (those it was building or running); requests of
+        other steps go on. If the failure took the donated cache with it, start over with an empty cache and
+        requeue every other running request: it recomputes its tokens, and its output does not change."""
+        log.exception("engine step failed")
+        culprits, self._step_rows = list(self._step_rows or self.scheduler.running), []
+        for req in culprits:
+            self._finish(req, "error", ok=False, error=f"{type(e).__name__}: {e}")
+        lost = any(x.is_deleted() for x in jax.tree_util.tree_leaves(self.caches.cache))
+        if self._inflight is not None:  # the previous decode step's tokens are lost with it: recompute them
+            lost_rows, self._inflight = list(self._inflight[1]), None
+            for r in lost_rows:
+                if not r.done.is_set() and r in self.scheduler.running:
+                    self.scheduler.preempt(r, release=not lost)
+        if lost:
+            log.error("the device cache was lost in the failed step; continuing with an empty cache")
+            for r in list(self.scheduler.running):
+                self.scheduler.preempt(r, release=False)
+            self.caches.reset()
+
+    def alive(self) -> bool:
+        """Whether the loop thread runs (the server's /health answers 503 otherwise)."""
+        return self._thread.is_alive() and not self._stop
 
     def _step(self):
         s = self.scheduler
@@ -388,7 +408,9 @@ class Engine:
             reqs = [r for r, _ in rows]
             srcs = [src for _, src in rows]
             stops = [self.scheduler.stop_list(r) if src >= 0 else [] for r, src in rows]
+            self._step_rows = reqs
             out = self.runner.decode(reqs, srcs, stops, prev[0] if prev else None)
+            self._step_rows = []
             for r in reqs:
                 r.num_computed += 1
                 r.inflight += 1
@@ -424,6 +446,7 @@ class Engine:
         if not chunks:
             return
         reqs = [r for r, _, _ in chunks]
+        self._step_rows = reqs
         out = self.runner.prefill(reqs, [(s, e) for _, s, e in chunks])
         first = []
         for i, (r, s, e) in enumerate(chunks):
@@ -437,6 +460,7 @@ class Engine:
             tok, lp, top_ids, top_lp = jax.device_get((out.token, out.logprob, out.top_ids, out.top_lp))
             for i in first:
                 self._emit(reqs[i], int(tok[i]), float(lp[i]), top_ids[i], top_lp[i])
+        self._step_rows = []
 
     def _maybe_snapshot(self, r: Request):
         if self.cache_mode == "align" and r.num_computed % self.block_size == 0 and r.num_computed > 0:
@@ -450,7 +474,12 @@ class Engine:
             self.metrics.observe_itl(now - r.t_last)
         r.t_last = now
         self._counters["generation_tokens"] += 1
-        reason = self.output.emit(r, t, lp, top_ids, top_lp)
+        try:
+            reason = self.output.emit(r, t, lp, top_ids, top_lp)
+        except Exception as e:  # one request's output failed (detokenization, ...): that request alone fails
+            log.exception("request %s: output processing failed", r.rid)
+            self._finish(r, "error", ok=False, error=f"{type(e).__name__}: {e}")
+            return
         if reason is not None:
             self._finish(r, reason, ok=True)
 

@@ -96,10 +96,12 @@ class Scheduler:
                 if victim is r:
                     return False
 
-    def preempt(self, r: Request) -> None:
-        """Free r's state and requeue it first; it recomputes prompt + generated tokens when readmitted."""
+    def preempt(self, r: Request, release: bool = True) -> None:
+        """Free r's state and requeue it first; it recomputes prompt + generated tokens when readmitted.
+        release=False: the cache it held is gone already (reset after a failed step)."""
         self.running.remove(r)
-        self.caches.release(r.pending)
+        if release:
+            self.caches.release(r.pending)
         r.pending, r.num_computed, r.inflight = None, 0, 0
         r.preemptions += 1
         self.counters["preemptions"] += 1

@@ -165,3 +165,39 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_model_dir):
     finally:
         sync.shutdown()
         fast.shutdown()
+
+
+@pytest.mark.parametrize("where", ["output", "step_losing_the_cache"])
+def test_a_failure_is_confined_to_its_request(tiny_model_dir, where):
+    """A request that makes its step (or its output processing) fail fails alone: the streams running beside it
+    finish with the outputs of a clean run, also when the failed step took the donated cache with it."""
+    prompts = _prompts(3, 21)
+    clean = Engine.from_pretrained(tiny_model_dir)
+    e = Engine.from_pretrained(tiny_model_dir)
+    try:
+        want = _run_concurrently(clean, prompts, max_tokens=40, temperature=0, ignore_eos=True)
+        handles = [e.complete_stream(p, max_tokens=40, temperature=0, ignore_eos=True) for p in prompts]
+        for h in handles:
+            next(iter(h))  # all three are decoding
+        if where == "output":
+            real = e.output.emit
+            e.output.emit = lambda r, *a: (_ for _ in ()).throw(ValueError("poisoned")) if r.sp.seed == 666 \
+                else real(r, *a)
+        else:
+            real = e.runner._prefill
+
+            def prefill(params, cache, ints, floats, **kw):
+                out = real(params, cache, ints, floats, **kw)  # consumes the donated cache, then fails
+                if (ints[:, kw["T"] + NUM_STOP + INT_FIELDS.index("seed")] == 666).any():
+                    raise RuntimeError("poisoned step")
+                return out
+            e.runner._prefill = prefill
+        bad = e.complete([1, 2, 3], max_tokens=5, temperature=0, seed=666)
+        assert bad.finish_reason == "error" and "poisoned" in bad.error
+        got = [h.result(timeout=120) for h in handles]
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert all(g.finish_reason == "length" for g in got)
+        L.check(e.ledger)
+    finally:
+        clean.shutdown()
+        e.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from serving.api.common import ServerContext, __version__, vocab_size
 from serving.protocol import APIError, DetokenizeRequest, TokenizeRequest, as_api_error
@@ -54,6 +54,9 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @r.get("/health")
     async def health():
+        alive = getattr(ctx.engine, "alive", None)
+        if alive is not None and not alive():  # the engine loop is gone: nothing would be answered
+            return JSONResponse({"status": "engine loop not running"}, status_code=503)
         return {"status": "ok"}
 
     @r.get("/version")
