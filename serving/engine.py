@@ -111,6 +111,7 @@ class Engine:
         # tensor parallel: cfg in the sharded layout, params placed over the mesh (hybrid_jax/sharding.py)
         cfg, params = shard_model(cfg, params, int(tensor_parallel_size))
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.model_dir: str | None = None
         self.cache_mode, self.block_size = cache_mode, int(block_size)
         self.max_model_len, self.max_num_seqs = int(max_model_len), int(max_num_seqs)
         self.model_name, self.metrics = model_name, metrics or _NullMetrics()
@@ -163,7 +164,9 @@ class Engine:
         if chat_template is not None:  # a jinja file or the template itself
             tok.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
         name = served_model_name or (os.path.basename(os.path.normpath(path)) if path else "hybrid-tiny-default")
-        return cls(cfg, params, tok, model_name=name, **kw)
+        engine = cls(cfg, params, tok, model_name=name, **kw)
+        engine.model_dir = model_dir  # what the saved-state fingerprint hashes
+        return engine
 
     # the device state, for persistence (serving/persist.py) and tests
     @property

@@ -24,25 +24,51 @@ from hybrid_jax import ledger as L
 from hybrid_jax.cache import Cache, MambaState, PagedKV
 from serving.checkpoints import Checkpoint, digest
 from serving.conversations import Conversation
+from serving.fingerprint import differences, fingerprint
 
 log = logging.getLogger("serving.persist")
-FORMAT = 2
+FORMAT = 3
+MEMO = "weights-digest.json"  # remembered digests of the weight files (see serving/fingerprint.py)
 
 
 def _atomic_write(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _owner_only(path: str) -> None:
+    """State files hold every tenant's messages: readable by the owner only."""
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o700)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o600)
+
+
+def clean_stale(directory: str) -> list[str]:
+    """Remove what an interrupted save left behind: temporary files and folders, and states other than the one
+    LATEST names. Returns the removed names."""
+    latest = _latest(directory)
+    removed = []
+    for name in os.listdir(directory):
+        stale = "tmp" in name or (name.startswith("state-") and latest is not None
+                                  and name not in (latest, latest + ".json"))
+        if stale:
+            path = os.path.join(directory, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
+            removed.append(name)
+    return removed
+
+
 def save(engine, directory: str) -> str:
     """Write the committed conversations and device checkpoints of `engine`; returns the state name. Runs on the
     engine thread."""
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    clean_stale(directory)
     name = f"state-{time.time_ns()}"
     caches = engine.caches
     turns = dict(caches.ledger.turns)
@@ -60,6 +86,7 @@ def save(engine, directory: str) -> str:
               "turns": conv.turns, "last_used": conv.last_used} for key, conv in engine.conversations.items()]
     meta = {"format": FORMAT, "model": engine.model_name, "block_size": engine.block_size,
             "cache_mode": engine.cache_mode, "num_blocks": len(blocks), "num_slots": len(slots),
+            "fingerprint": fingerprint(engine, os.path.join(directory, MEMO)),
             "conversations": convs, "checkpoints": ckpts, "heads": heads}
     if slots:
         c = caches.cache
@@ -69,6 +96,7 @@ def save(engine, directory: str) -> str:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.join(directory, name), {k: np.asarray(v) for k, v in arrays.items()})
         ckpt.wait_until_finished()
+        _owner_only(os.path.join(directory, name))
     _atomic_write(os.path.join(directory, name + ".json"), json.dumps(meta))
     previous = _latest(directory)
     _atomic_write(os.path.join(directory, "LATEST"), name)
@@ -98,14 +126,23 @@ def _latest(directory: str) -> str | None:
 def load(engine, directory: str) -> bool:
     """Restore the last complete state into a fresh engine. Returns False (and loads nothing) if there is none
     or it does not fit this engine."""
+    removed = clean_stale(os.path.abspath(directory))
+    if removed:
+        log.info("removed %d stale entries an interrupted save left in %s", len(removed), directory)
     name = _latest(os.path.abspath(directory))
     if name is None:
         return False
     try:
         with open(os.path.join(directory, name + ".json")) as f:
             meta = json.load(f)
-        if meta["format"] != FORMAT or meta["block_size"] != engine.block_size or meta["model"] != engine.model_name:
-            log.warning("cache state in %s is for another model or block size; starting empty", directory)
+        if meta.get("format") != FORMAT:
+            log.warning("cache state in %s has format %s, not %s; starting empty", directory, meta.get("format"),
+                        FORMAT)
+            return False
+        diff = differences(meta.get("fingerprint"), fingerprint(engine, os.path.join(directory, MEMO)))
+        if diff:
+            log.warning("cache state in %s was saved by another model setup (%s differ); starting empty",
+                        directory, ", ".join(diff))
             return False
         arrays = None
         if meta["num_slots"]:
