@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter and cache dtype. auto: the checkpoint's torch_dtype from its config.json "
                         "(bfloat16 for the released models; float32 if it names none). The Mamba SSM state and "
                         "A_log, D, dt_bias stay float32 (default: auto)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="shard the parameters and the cache over N local devices (attention and Mamba by heads, "
+                        "MLPs and experts by their inner dimension; docs/tensor_parallel.md). On CPU, N host "
+                        "devices need XLA_FLAGS=--xla_force_host_platform_device_count=N (default: 1)")
     p.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
                    help="chat template replacing the model's: a jinja file or the template itself (default: the "
                         "checkpoint's own)")
@@ -100,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-stored-responses", type=_non_negative, default=10000,
                    help="most responses of the Responses API kept for GET and previous_response_id, least recently "
                         "used evicted first; 0 stores none (default: 10000)")
+    p.add_argument("--conversation-ttl", type=float, default=None, metavar="SECONDS",
+                   help="forget a conversation (and every checkpoint it committed) after this long without a turn; "
+                        "anonymous checkpoints unused for as long go too; 0: never (engine default: 86400, a day)")
+    p.add_argument("--max-conversations", type=int, default=None,
+                   help="bound on the conversation table: beyond it the least recently used idle conversations are "
+                        "forgotten (engine default: 100000)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest accepted request body in bytes (413 above; default 4 MiB)")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
@@ -146,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs, num_blocks=args.num_blocks, num_slots=args.num_slots,
         kv_memory=args.kv_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_prefill_tokens=args.max_prefill_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
-        host_cache_memory=args.host_cache_memory,
+        host_cache_memory=args.host_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype, served_model_name=args.served_model_name,
-        chat_template=args.chat_template).items() if v is not None}
+        chat_template=args.chat_template, conversation_ttl=args.conversation_ttl,
+        max_conversations=args.max_conversations).items() if v is not None}
     metrics = Metrics()
     t0 = time.perf_counter()
     log.info("loading %s (%s)", args.model or "the embedded default model",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -103,6 +104,7 @@ class CacheManager:
         n = len(tokens_T)
         if ok and pending.source in self.ledger.turns:
             self.ledger = L.touch(self.ledger, pending.source)  # used: it stays longer (LRU)
+            self.index.meta[pending.source].last_used = time.time()
         same = self.index.duplicate(salt, tokens_T) if ok and n else None
         if not ok or self.mode == "none" or n == 0 or same is not None:
             self.ledger = L.release(self.ledger, pending)
@@ -141,6 +143,13 @@ class CacheManager:
         self.ledger = L.evict(self.ledger, cid)
         self._drop_host(cid)
         self.index.remove(cid)
+
+    def expire(self, older_than: float) -> int:
+        """Forget checkpoints unused since wall time older_than (the time-to-live). Returns how many."""
+        cids = self.index.idle_since(older_than)
+        for cid in cids:
+            self._forget(cid)
+        return len(cids)
 
     def head_length(self, key) -> int:
         cid = self.index.heads.get(key)

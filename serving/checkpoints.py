@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import time
 
 import numpy as np
 
@@ -33,6 +34,7 @@ class Checkpoint:
     owner: tuple | None           # (cache_salt, conversation_id) that committed it; None: anonymous
     boundary: bool = False        # taken at a message boundary inside a prompt (intermediate)
     on_host: bool = False         # evicted to the host tier (its device blocks and slot are gone)
+    last_used: float = dataclasses.field(default_factory=time.time)  # wall clock, for the time-to-live
 
     @property
     def length(self) -> int:
@@ -105,6 +107,10 @@ class CheckpointIndex:
 
     def has_salt(self, salt) -> bool:
         return salt in self._by_salt
+
+    def idle_since(self, t: float) -> list[int]:
+        """Checkpoints not used since wall time t."""
+        return [cid for cid, ck in self.meta.items() if ck.last_used < t]
 
     def owned_by(self, key) -> list[int]:
         return [cid for cid, ck in self.meta.items() if ck.owner == key]

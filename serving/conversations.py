@@ -87,6 +87,16 @@ class ConversationLedger:
             del self._convs[key]
             return True
 
+    def idle_to_forget(self, ttl: float | None, max_conversations: int | None, now: float) -> list:
+        """Keys of idle conversations to forget: unused for longer than ttl, then the least recently used ones
+        beyond max_conversations. A conversation with a turn in flight is never forgotten."""
+        with self._lock:
+            idle = sorted((c.last_used, k) for k, c in self._convs.items() if not (c.busy or c.held))
+            old = [k for t, k in idle if ttl and now - t > ttl]
+            excess = len(self._convs) - len(old) - (max_conversations or len(self._convs))
+            rest = [k for _, k in idle if k not in set(old)]
+            return old + rest[:max(excess, 0)]
+
     def items(self):
         with self._lock:
             return [(k, dataclasses.replace(c)) for k, c in self._convs.items() if c.turns > 0]

@@ -42,6 +42,7 @@ log = logging.getLogger("serving.engine")
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "default_model")
 CACHE_MODES = ("exact", "align", "none")
+SWEEP_EVERY_S = 5.0
 __all__ = ["CACHE_MODES", "ChatResult", "Engine", "RequestHandle", "SamplingParams", "StreamDelta", "TokenLogprob"]
 
 
@@ -104,7 +105,8 @@ class Engine:
                  max_num_seqs=8, num_blocks=None, num_slots=None, kv_memory=None, gpu_memory_utilization=None,
                  max_prefill_tokens=256, max_prefill_rows=4, max_num_batched_tokens=None, max_waiting=1024,
                  host_cache_memory="1GiB",
-                 model_name="default", metrics=None, async_scheduling=True, delivery_timeout=120.0, tensor_parallel_size=1):
+                 model_name="default", metrics=None, async_scheduling=True, delivery_timeout=120.0,
+                 conversation_ttl=86400.0, max_conversations=100_000, tensor_parallel_size=1):
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
         params = stack_layers(params, cfg)
@@ -125,7 +127,7 @@ class Engine:
         log.info("cache plan: %s", self.plan.describe())
         self._counters = dict(prompt_tokens=0, cached_prompt_tokens=0, generation_tokens=0, hits=0, misses=0,
                               evictions=0, offloads=0, host_restores=0, requests_finished=0, preemptions=0,
-                              **{"miss_" + c: 0 for c in MISS_CAUSES})
+                              conversations_expired=0, **{"miss_" + c: 0 for c in MISS_CAUSES})
         table_width = L.blocks_for(self.max_model_len, self.block_size)
         self.caches = CacheManager(cfg, self.plan, dtype, cache_mode, parse_bytes(host_cache_memory) or 0,
                                    self._counters, table_width)
@@ -146,6 +148,8 @@ class Engine:
         self._inflight = None   # (Sampled, {request: row}) of the decode step dispatched last
         self._held: dict = {}   # finished two-phase requests awaiting settle -> deadline
         self._step_rows: list = []  # the requests of the step being built or run (a failure is theirs)
+        self.conversation_ttl, self.max_conversations = conversation_ttl or None, max_conversations or None
+        self._next_sweep = 0.0
         self.delivery_timeout = float(delivery_timeout)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -389,8 +393,23 @@ class Engine:
         """Whether the loop thread runs (the server's /health answers 503 otherwise)."""
         return self._thread.is_alive() and not self._stop
 
+    def _sweep(self):
+        """Every few seconds: forget idle conversations past their time-to-live or beyond the table's bound,
+        with every checkpoint they committed, and anonymous checkpoints unused for as long."""
+        now = time.time()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(SWEEP_EVERY_S, (self.conversation_ttl or SWEEP_EVERY_S) / 2)
+        for key in self.conversations.idle_to_forget(self.conversation_ttl, self.max_conversations, now):
+            if self.conversations.delete(key):
+                self.caches.drop_conversation(key)
+                self._counters["conversations_expired"] += 1
+        if self.conversation_ttl:
+            self.caches.expire(now - self.conversation_ttl)
+
     def _step(self):
         s = self.scheduler
+        self._sweep()
         if self._held:
             self._expire_held()
         self._reap_aborted()

@@ -137,3 +137,21 @@ def test_delete_is_atomic_with_respect_to_new_turns(tiny_model_dir):
         assert again.cached_tokens == 0 and again.prompt_tokens == 2
     finally:
         e.shutdown()
+
+
+def test_idle_conversations_and_checkpoints_expire(tiny_model_dir):
+    import time
+    e = Engine.from_pretrained(tiny_model_dir, max_model_len=256, conversation_ttl=0.6, max_conversations=3)
+    try:
+        for i in range(6):
+            e.complete([i + 1, 2, 3], conversation_id=f"c{i}", cache_salt="ttl", max_tokens=3, temperature=0)
+        e.complete([9, 9, 9], cache_salt="ttl", max_tokens=3, temperature=0)  # an anonymous checkpoint
+        time.sleep(0.35)
+        assert len(e.conversations.items()) <= 3  # the bound, before any time-to-live passed
+        time.sleep(1.0)
+        assert e.conversations.items() == [] and e.stats()["checkpoints"] == 0
+        assert e.get_conversation("c5", "ttl") is None
+        assert e.stats()["conversations_expired"] == 6
+        L.check(e.ledger)
+    finally:
+        e.shutdown()
