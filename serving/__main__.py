@@ -164,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log.info("loading %s (%s)", args.model or "the embedded default model",
              ", ".join(f"{k}={v}" for k, v in engine_kw.items()))
-    engine = Engine.from_pretrained(args.model, metrics=metrics, **engine_kw)
+    try:
+        engine = Engine.from_pretrained(args.model, metrics=metrics, **engine_kw)
+    except (ValueError, FileNotFoundError) as e:  # a bad checkpoint, config or memory plan: say which flag
+        log.error("cannot start: %s", e)
+        return 2
     metrics.bind_engine(engine)
     if not args.no_warmup:
         info = engine.warmup(progress=sys.stderr.isatty())

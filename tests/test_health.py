@@ -14,3 +14,12 @@ def test_health_answers_503_when_the_engine_loop_is_gone(tiny_model_dir):
     engine.shutdown()
     r = client.get("/health")
     assert r.status_code == 503 and "not running" in r.json()["status"]
+
+
+def test_server_refuses_to_start_with_a_pool_too_small_for_one_sequence():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "serving", "--port", "0", "--num-blocks", "2", "--no-warmup"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "--num-blocks" in p.stderr and "--max-model-len" in p.stderr
