@@ -363,3 +363,22 @@ def test_kernels_lower_to_triton_at_real_shapes(triton_lowering_available):
     for fn, args in cases:
         text = _lower_for_cuda(fn, *args).as_text()
         assert "__gpu$xla.gpu.triton" in text  # the Triton backend, not Mosaic GPU
+
+
+def test_model_steps_with_pallas_kernels_match_the_forward(monkeypatch, tmp_path):
+    """The cached model steps run every kernel (interpret mode on CPU) inside the layer scan, with the pools'
+    flat page layout, and match the uncached forward (a config of its own: nothing traced before is reused)."""
+    import hybrid_jax
+    from conftest import write_tiny_byte_model
+    from hybrid_jax.generate import SingleSequence
+
+    cfg, params = hybrid_jax.load_pretrained(write_tiny_byte_model(str(tmp_path), seed=3,
+                                                                   layers=("attention", "mamba", "mlp", "mamba")))
+    toks = np.random.RandomState(0).randint(0, 256, 40).tolist()
+    monkeypatch.setenv("HYBRID_KERNELS", "pallas")
+    seq = SingleSequence(params, cfg, 64)
+    got = np.concatenate([np.asarray(seq.extend(toks[:25], all_logits=True)),
+                          np.asarray(seq.extend(toks[25:], all_logits=True))])
+    monkeypatch.setenv("HYBRID_KERNELS", "reference")
+    ref = np.asarray(hybrid_jax.forward(params, cfg, np.array([toks])))[0]
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= 1e-4
