@@ -46,14 +46,21 @@ class Cache:
 
 
 def init_cache(cfg: ModelConfig, *, num_blocks: int, block_size: int, num_slots: int, dtype=jnp.float32) -> Cache:
-    """Zeroed cache. num_blocks and num_slots include the scratch block 0 and slot 0."""
+    """Zeroed cache. num_blocks and num_slots include the scratch block 0 and slot 0. With cfg.tp > 1 every pool
+    is created sharded over the tensor parallel mesh (hybrid_jax/sharding.py), never whole on one device."""
     la, lm = max(cfg.num_attention_layers, 1), max(cfg.num_mamba_layers, 1)
     kv_shape = (la, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return Cache(
-        kv=PagedKV(k=jnp.zeros(kv_shape, dtype), v=jnp.zeros(kv_shape, dtype)),
-        mamba=MambaState(conv=jnp.zeros((lm, num_slots, cfg.conv_dim, cfg.d_conv - 1), dtype),
-                         ssm=jnp.zeros((lm, num_slots, cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state),
-                                       jnp.float32)))
+    shapes = Cache(kv=PagedKV(k=(kv_shape, dtype), v=(kv_shape, dtype)),
+                   mamba=MambaState(conv=((lm, num_slots, cfg.conv_dim, cfg.d_conv - 1), dtype),
+                                    ssm=((lm, num_slots, cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state),
+                                         jnp.float32)))
+    is_shape = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+    if cfg.tp == 1:
+        return jax.tree.map(lambda sd: jnp.zeros(*sd), shapes, is_leaf=is_shape)
+    from hybrid_jax.sharding import cache_specs, named
+
+    return jax.tree.map(lambda sd, sh: jnp.zeros(*sd, device=sh), shapes, named(cache_specs(cfg), cfg.tp),
+                        is_leaf=is_shape)
 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype=jnp.float32) -> int:

@@ -89,14 +89,25 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     torch_dtype: str = "float32"        # the checkpoint's weight dtype (config.json torch_dtype / dtype)
     moe: MoEConfig | None = None        # the "moe" sublayers' shape; None when the model has none
+    # Tensor parallel layout (hybrid_jax/sharding.py `tp_config`): 1 is the checkpoint's own layout. With tp > 1
+    # the Mamba in_proj columns and conv channels are stored shard-major (each of tp blocks holds its heads' z, x,
+    # B, C, dt), B/C groups are duplicated when tp does not divide them, and num_kv_heads may be the duplicated
+    # count (>= tp). Params and cache must be in that layout.
+    tp: int = 1
 
     @property
     def mamba_inner(self) -> int:
         return self.mamba_heads * self.mamba_head_dim
 
     @property
+    def ssm_groups(self) -> int:
+        """The B/C groups as stored: mamba_groups, or one per shard when tp does not divide them (each shard
+        then keeps a copy of the one group its heads read)."""
+        return self.mamba_groups if self.mamba_groups % self.tp == 0 else self.tp
+
+    @property
     def conv_dim(self) -> int:
-        return self.mamba_inner + 2 * self.mamba_groups * self.d_state
+        return self.mamba_inner + 2 * self.ssm_groups * self.d_state
 
     @property
     def num_attention_layers(self) -> int:

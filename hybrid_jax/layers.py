@@ -77,14 +77,29 @@ def _dt(p, dt_raw, cfg: ModelConfig):
     return jnp.clip(dt, cfg.dt_min, cfg.dt_max)
 
 
+def _shard_blocks(a, cfg: ModelConfig):
+    """[..., tp * n] -> [..., tp, n]: the shard-major blocks of a tensor parallel layout (cfg.tp > 1)."""
+    return a.reshape(*a.shape[:-1], cfg.tp, a.shape[-1] // cfg.tp)
+
+
 def _split_in_proj(zxbcdt, cfg: ModelConfig):
-    i, c = cfg.mamba_inner, cfg.conv_dim
-    return zxbcdt[..., :i], zxbcdt[..., i:i + c], zxbcdt[..., i + c:]
+    """(z [..., inner], xBC [..., conv_dim] in the conv's channel order, dt [..., H])."""
+    i, c, t = cfg.mamba_inner // cfg.tp, cfg.conv_dim // cfg.tp, cfg.tp
+    if t == 1:
+        return zxbcdt[..., :i], zxbcdt[..., i:i + c], zxbcdt[..., i + c:]
+    blk = _shard_blocks(zxbcdt, cfg)  # each shard's block: z | xBC | dt of its heads
+    merge = lambda a: a.reshape(*a.shape[:-2], -1)
+    return merge(blk[..., :i]), merge(blk[..., i:i + c]), merge(blk[..., i + c:])
 
 
 def _split_xbc(xbc, cfg: ModelConfig):
-    i, gn = cfg.mamba_inner, cfg.mamba_groups * cfg.d_state
-    return xbc[..., :i], xbc[..., i:i + gn], xbc[..., i + gn:]
+    """(x [..., inner], B [..., ssm_groups * N], C [..., ssm_groups * N]) of the conv output."""
+    i, gn = cfg.mamba_inner // cfg.tp, cfg.ssm_groups // cfg.tp * cfg.d_state
+    if cfg.tp == 1:
+        return xbc[..., :i], xbc[..., i:i + gn], xbc[..., i + gn:]
+    blk = _shard_blocks(xbc, cfg)  # each shard's block: x | B | C
+    merge = lambda a: a.reshape(*a.shape[:-2], -1)
+    return merge(blk[..., :i]), merge(blk[..., i:i + gn]), merge(blk[..., i + gn:])
 
 
 def _mamba_out(p, y_f32, x_ssm, z, cfg: ModelConfig):
@@ -110,8 +125,8 @@ def mamba_span(p, x_BTD, conv_BCW, ssm_BHPN, length_B, cfg: ModelConfig):
     pad = lambda a: jnp.pad(a, [(0, 0), (0, Tp - T)] + [(0, 0)] * (a.ndim - 2))
     xs_h = xs.reshape(B, T, cfg.mamba_heads, cfg.mamba_head_dim)
     y, ssm_new = pk.ssd_scan(pad(xs_h), pad(dt), -jnp.exp(p["A_log"].astype(jnp.float32)),
-                             pad(Bm.reshape(B, T, cfg.mamba_groups, cfg.d_state)),
-                             pad(Cm.reshape(B, T, cfg.mamba_groups, cfg.d_state)), ssm_BHPN, chunk_size=L)
+                             pad(Bm.reshape(B, T, cfg.ssm_groups, cfg.d_state)),
+                             pad(Cm.reshape(B, T, cfg.ssm_groups, cfg.d_state)), ssm_BHPN, chunk_size=L)
     return _mamba_out(p, y[:, :T], xs_h, z, cfg), conv_new, ssm_new
 
 
@@ -123,6 +138,6 @@ def mamba_step(p, x_BD, conv_BCW, ssm_BHPN, cfg: ModelConfig):
     xs, Bm, Cm = _split_xbc(xbc, cfg)
     xs_h = xs.reshape(B, cfg.mamba_heads, cfg.mamba_head_dim)
     y, ssm_new = pk.ssm_decode_step(ssm_BHPN, xs_h, _dt(p, dt_raw, cfg), -jnp.exp(p["A_log"].astype(jnp.float32)),
-                                    Bm.reshape(B, cfg.mamba_groups, cfg.d_state),
-                                    Cm.reshape(B, cfg.mamba_groups, cfg.d_state))
+                                    Bm.reshape(B, cfg.ssm_groups, cfg.d_state),
+                                    Cm.reshape(B, cfg.ssm_groups, cfg.d_state))
     return _mamba_out(p, y, xs_h, z, cfg), conv_new, ssm_new

@@ -309,9 +309,10 @@ def resolve_dtype(cfg: ModelConfig, dtype="auto") -> jnp.dtype:
                       f"float32, bfloat16, float16")
 
 
-def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False) -> dict:
+def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False, on_host: bool = False) -> dict:
     """Params of the checkpoint at path for cfg. dtype: see resolve_dtype. stacked: return the stacked layer form
-    of hybrid_jax.stack.stack_layers, built from host arrays before anything reaches the device."""
+    of hybrid_jax.stack.stack_layers, built from host arrays before anything reaches the device. on_host (with
+    stacked): return those numpy arrays, for a caller that places them itself (tensor parallel sharding)."""
     dtype = resolve_dtype(cfg, dtype)
     w = _Weights(path)
     pre = _prefix(w, cfg)
@@ -358,21 +359,22 @@ def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False
     from hybrid_jax.stack import stack_layers
     host = stack_layers(params, cfg, xp=np)
     del params, layers  # the host list form goes; only the stacked copy is transferred
-    return jax.tree.map(jnp.asarray, host)
+    return host if on_host else jax.tree.map(jnp.asarray, host)
 
 
-def load_pretrained(path: str, dtype="auto", stacked: bool = False) -> tuple[ModelConfig, dict]:
+def load_pretrained(path: str, dtype="auto", stacked: bool = False,
+                    on_host: bool = False) -> tuple[ModelConfig, dict]:
     """(cfg, params) from a Hugging Face checkpoint directory.
 
     dtype: "auto" (default) takes the checkpoint config's torch_dtype (bfloat16 for the released models, float32
     when it names none); "float32", "bfloat16", "float16" override it. A_log, D and dt_bias stay float32.
     stacked: params in hybrid_jax.stack's stacked form (built on the host; the device never holds both forms)
-    instead of the list form {"layers": [...]}.
+    instead of the list form {"layers": [...]}; with on_host those stay numpy arrays on the host.
     Raises FileNotFoundError, ConfigError or CheckpointError with a message naming what is wrong."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     cfg = from_hf(read_config(path))
-    return cfg, load_params(path, cfg, dtype, stacked=stacked)
+    return cfg, load_params(path, cfg, dtype, stacked=stacked, on_host=on_host)
 
 
 __all__ = ["DTYPE_CHOICES", "FLOAT32_PARAMS", "CheckpointError", "ConfigError", "FusedPart", "PerExpert",

@@ -75,18 +75,19 @@ def _itemsize(dtype) -> int:
 
 
 def block_bytes(cfg: ModelConfig, block_size: int, dtype) -> int:
-    """Bytes of one KV block across the layers, exactly as `init_cache` allocates it (one layer's worth even for
-    a model without attention layers: init_cache keeps a one-layer pool there)."""
+    """Bytes of one KV block across the layers on each device, exactly as `init_cache` allocates it (one layer's
+    worth even for a model without attention layers: init_cache keeps a one-layer pool there). With tensor
+    parallelism (cfg.tp > 1) each device holds 1/tp of it (its KV heads)."""
     la = max(cfg.num_attention_layers, 1)
-    return 2 * la * block_size * cfg.num_kv_heads * cfg.head_dim * _itemsize(dtype)
+    return 2 * la * block_size * cfg.num_kv_heads * cfg.head_dim * _itemsize(dtype) // cfg.tp
 
 
 def slot_bytes(cfg: ModelConfig, dtype) -> int:
-    """Bytes of one Mamba state slot across the layers, exactly as `init_cache` allocates it: conv state in the
-    cache dtype, SSM state float32."""
+    """Bytes of one Mamba state slot across the layers on each device, exactly as `init_cache` allocates it: conv
+    state in the cache dtype, SSM state float32; 1/tp of it per device with tensor parallelism (its heads)."""
     lm = max(cfg.num_mamba_layers, 1)
     return lm * (cfg.conv_dim * (cfg.d_conv - 1) * _itemsize(dtype)
-                 + cfg.mamba_heads * cfg.mamba_head_dim * cfg.d_state * 4)
+                 + cfg.mamba_heads * cfg.mamba_head_dim * cfg.d_state * 4) // cfg.tp
 
 
 def device_memory_bytes(device=None) -> int | None:
@@ -110,11 +111,15 @@ def device_memory_bytes(device=None) -> int | None:
 
 
 def param_bytes(params) -> int:
-    """Bytes of a params pytree (numpy or jax arrays)."""
+    """Bytes of a params pytree (numpy or jax arrays) on one device: a sharded jax array counts its shard on
+    the first device that holds one (the whole array when it is replicated or on one device)."""
     import jax
     total = 0
     for leaf in jax.tree_util.tree_leaves(params):
-        if hasattr(leaf, "nbytes"):
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards:
+            total += int(shards[0].data.nbytes)
+        elif hasattr(leaf, "nbytes"):
             total += int(leaf.nbytes)
         else:
             a = np.asarray(leaf)

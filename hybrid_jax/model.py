@@ -11,6 +11,7 @@ import pallas_kernels as pk
 from hybrid_jax import layers as L
 from hybrid_jax.cache import NULL_BLOCK, Cache, MambaState, PagedKV
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.sharding import constrain_cache, replicated
 from hybrid_jax.stack import Mixers, run_stack
 
 
@@ -22,7 +23,7 @@ def _logits(params, h, cfg: ModelConfig):
     h = L.rms_norm(h, params["final_norm"], cfg.rms_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.einsum("...d,vd->...v", h, head, preferred_element_type=jnp.float32)
-    return logits / cfg.logits_scaling
+    return replicated(logits / cfg.logits_scaling, cfg)  # tensor parallel: gathered once, here
 
 
 def forward(params, cfg: ModelConfig, tokens):
@@ -134,7 +135,7 @@ def _run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: 
     mixers = Mixers(mamba=mamba, write_kv=write_kv, attend=attend)
     h, st = run_stack(params, _embed(params, batch.tokens, cfg), pos, st, cfg, mixers)
     new_cache = Cache(kv=PagedKV(k=st["k"], v=st["v"]), mamba=MambaState(conv=st["conv"], ssm=st["ssm"]))
-    return h, new_cache
+    return h, constrain_cache(new_cache, cfg)
 
 
 def _prefill(params, cache, batch, *, cfg, all_logits):

@@ -8,14 +8,20 @@ Params of one "moe" sublayer (projections [in, out], experts [E, in, out]):
 
 Expert compute: each token's top-k (token, expert) pairs are sorted by expert and run as one grouped matmul
 (pallas_kernels.grouped_matmul) per projection, so the work follows the chosen experts, not the number of experts.
+With tensor parallelism (cfg.tp > 1) the routed experts run under `shard_map`: every device holds every expert's
+1/tp slice of the inner dimension, runs all the routed rows through it and the partial outputs meet in one psum.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from hybrid_jax.config import ModelConfig, MoEConfig
 from pallas_kernels import grouped_matmul
+
+_EXPERT_SPECS = {"experts_up": P(None, None, "tp"), "experts_gate": P(None, None, "tp"),
+                 "experts_down": P(None, "tp", None)}
 
 
 def _linear(x, p, name):
@@ -69,6 +75,19 @@ def routed_experts(p, x_NX, w_NK, idx_NK, moe: MoEConfig):
     return per_pair.sum(1)
 
 
+def _routed_sharded(p, x_NX, w_NK, idx_NK, cfg: ModelConfig):
+    """routed_experts, split by the experts' inner dimension over the tensor parallel mesh (cfg.tp > 1)."""
+    if cfg.tp == 1:
+        return routed_experts(p, x_NX, w_NK, idx_NK, cfg.moe)
+    from hybrid_jax.sharding import mesh_for
+
+    experts = {k: p[k] for k in _EXPERT_SPECS if k in p}
+    part = lambda e, x, w, i: jax.lax.psum(routed_experts(e, x, w, i, cfg.moe), "tp")
+    f = jax.shard_map(part, mesh=mesh_for(cfg.tp), in_specs=({k: _EXPERT_SPECS[k] for k in experts}, P(), P(), P()),
+                      out_specs=P(), check_vma=False)
+    return f(experts, x_NX, w_NK, idx_NK)
+
+
 def _shared(p, x, moe: MoEConfig):
     if moe.expert_kind == "relu2":
         return _linear(jnp.square(jax.nn.relu(_linear(x, p, "shared_up"))), p, "shared_down")
@@ -85,7 +104,7 @@ def moe_block(p, x_BTD, cfg: ModelConfig):
     else:
         w, idx = route_softmax(x, p["router"], moe)
     xe = _linear(x, p, "latent_in") if moe.latent_size else x
-    y = routed_experts(p, xe, w, idx, moe).astype(x.dtype)
+    y = _routed_sharded(p, xe, w, idx, cfg).astype(x.dtype)
     if moe.latent_size:
         y = _linear(y, p, "latent_out")
     if moe.shared_intermediate_size:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, pack_rows
+from hybrid_jax.sharding import replicated_sharding
 
 log = logging.getLogger("serving.runner")
 PREFILL_TOKENS_MIN = 16
@@ -45,7 +46,8 @@ class ModelRunner:
         self.prefill_rows = max(1, min(max_prefill_rows, max_num_seqs))
         self.table_width = table_width
         self._prefill, self._decode = make_serving_steps(cfg, self.max_rows)
-        self._no_prev = jax.device_put(np.zeros(self.max_rows, np.int32))
+        # where a decode step's own sampled tokens live (replicated over the mesh with tensor parallelism)
+        self._no_prev = jax.device_put(np.zeros(self.max_rows, np.int32), replicated_sharding(cfg))
 
     # ------------------------------------------------------------------ buckets
     def decode_rows(self, n: int) -> int:

@@ -13,8 +13,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 import pytest  # noqa: E402
 
 
-def write_tiny_byte_model(out_dir: str, seed: int = 0, layers=("mamba", "attention", "mlp", "mamba")) -> str:
-    """A tiny random NemotronH checkpoint written by transformers, over the byte tokenizer's 264 ids."""
+def write_tiny_byte_model(out_dir: str, seed: int = 0, layers=("mamba", "attention", "mlp", "mamba"),
+                          **config) -> str:
+    """A tiny random NemotronH checkpoint written by transformers, over the byte tokenizer's 264 ids. config:
+    NemotronHConfig fields to override (e.g. the MoE sizes when `layers` has "moe")."""
     import torch
     from transformers import AutoModelForCausalLM, NemotronHConfig
 
@@ -22,7 +24,8 @@ def write_tiny_byte_model(out_dir: str, seed: int = 0, layers=("mamba", "attenti
     c = NemotronHConfig(vocab_size=264, hidden_size=64, layers_block_type=list(layers), num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, intermediate_size=128, mamba_num_heads=8,
                         mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=16,
-                        eos_token_id=258, bos_token_id=257, pad_token_id=256, max_position_embeddings=4096)
+                        eos_token_id=258, bos_token_id=257, pad_token_id=256, max_position_embeddings=4096,
+                        **config)
     m = AutoModelForCausalLM.from_config(c).float().eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
