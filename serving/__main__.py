@@ -42,6 +42,16 @@ def _non_negative(v: str) -> int:
     return x
 
 
+def _positive(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving",
@@ -96,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="model name reported by /v1/models and in responses (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $HYBRID_SERVE_API_KEY; none "
-                        "if unset)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: "
+                        "$HYBRID_SERVE_API_KEY; none if unset)")
     p.add_argument("--cache-dir", default=None,
                    help="durable committed-conversation state and stored responses (responses.json, mode "
                         "0600): restored on start if present, saved on graceful shutdown (SIGTERM/SIGINT)")
@@ -112,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "forgotten (engine default: 100000)")
     p.add_argument("--max-request-bytes", type=int, default=None,
                    help="largest accepted request body in bytes (413 above; default 4 MiB)")
+    p.add_argument("--request-body-timeout", type=_positive, default=30.0, metavar="SECONDS",
+                   help="seconds to receive a request's whole body after its headers: a slower client (a body "
+                        "shorter than its Content-Length, a stalled chunked body) gets 408 and its connection is "
+                        "closed (default: 30)")
+    p.add_argument("--require-cache-salt", action="store_true",
+                   help="refuse (400) requests that carry a conversation_id or previous_response_id, and "
+                        "conversation reads and deletes, without a cache_salt (X-Cache-Salt header or body field), "
+                        "so client-chosen ids never share the unsalted namespace (default: a salt is optional)")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds to let in-flight requests finish on shutdown before aborting them (default: 10)")
     p.add_argument("--compilation-cache-dir", default=os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
@@ -196,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics,
-                     responses_store=responses)
+                     responses_store=responses, request_body_timeout=args.request_body_timeout,
+                     require_cache_salt=args.require_cache_salt)
     name = args.served_model_name or engine.model_name
 
     class Server(uvicorn.Server):

@@ -8,44 +8,52 @@
   prompt continues that conversation's committed tokens, no chat template) (api/completions.py);
 * `POST /v1/responses`, `GET|DELETE /v1/responses/{id}`: the Responses API with `previous_response_id` chains,
   stored in a bounded `ResponsesStore` (api/responses.py, serving/responses_store.py, docs/server.md);
-* `GET|DELETE /v1/conversations/{conversation_id}` (`cache_salt` as query parameter or `X-Cache-Salt` header; an
-  unknown id and a wrong salt both answer 404) (api/conversations.py);
+* `GET|DELETE /v1/conversations/{conversation_id}` (`cache_salt` as the `X-Cache-Salt` header or query parameter;
+  an unknown id and a wrong salt both answer 404) (api/conversations.py);
 * `GET /v1/models`, `GET /health`, `GET /version`, `GET /metrics` (Prometheus), `POST /tokenize`,
   `POST /detokenize` (api/admin.py).
 
-Every error is answered as OpenAI's body `{"error": {"message", "type", "param", "code"}}` with its status:
-400 validation (never FastAPI's 422), 401 auth, 404 unknown route / model / conversation / response, 405, 409 busy
-conversation, 413 body too large, 429 overloaded, 500 internal. The engine's blocking calls run in worker
-threads; a client that disconnects aborts its request, so the turn is discarded (invariant I3). The API-key and
-body-size guard, the error handlers and the engine pump are shared (api/common.py).
+Every request body is validated by the models of serving/protocol.py (the one place of the rules and limits,
+shared with the batch job). Every error is answered as OpenAI's body `{"error": {"message", "type", "param",
+"code"}}` with its status: 400 validation (never FastAPI's 422), 401 auth, 404 unknown route / model /
+conversation / response, 405, 408 body not received in time, 409 busy conversation, 413 body too large, 429
+overloaded, 500 internal. The engine's blocking calls run in worker threads; a client that disconnects aborts its
+request, so the turn is discarded (invariant I3). The guard (API key, body size, body read timeout), the error
+handlers and the engine pump are shared (api/common.py).
 """
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from serving.api import admin, chat, completions, conversations, responses
-from serving.api.common import DEFAULT_MAX_REQUEST_BYTES, Guard, ServerContext, __version__, install_error_handlers
+from serving.api.common import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard, ServerContext,
+                                __version__, install_error_handlers, install_log_redaction)
 from serving.metrics import Metrics
 from serving.protocol import openai_error
 from serving.responses_store import DEFAULT_MAX_STORED_RESPONSES, ResponsesStore
 
-__all__ = ["create_app", "DEFAULT_MAX_REQUEST_BYTES", "openai_error"]
+__all__ = ["create_app", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_REQUEST_BODY_TIMEOUT", "openai_error"]
 
 
 def create_app(engine, *, api_key: str | None = None, served_model_name: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics: Metrics | None = None,
                responses_store: ResponsesStore | None = None,
-               max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES) -> FastAPI:
+               max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
+               request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT, require_cache_salt: bool = False) -> FastAPI:
     """The OpenAI-compatible server of `engine` (see the module docstring). `responses_store` holds the stored
-    responses (a new one of `max_stored_responses` when None; pass one to save and load it across restarts)."""
-    ctx = ServerContext(engine, served_model_name=served_model_name, metrics=metrics)
+    responses (a new one of `max_stored_responses` when None; pass one to save and load it across restarts).
+    `request_body_timeout`: seconds to receive a request body (408 after); `require_cache_salt`: refuse requests
+    that carry a conversation_id or previous_response_id without a cache_salt (docs/server.md)."""
+    ctx = ServerContext(engine, served_model_name=served_model_name, metrics=metrics,
+                        require_cache_salt=require_cache_salt)
+    install_log_redaction()
     store = responses_store if responses_store is not None else ResponsesStore(max_stored_responses)
 
     app = FastAPI(title="hybrid-serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.responses = engine, ctx.metrics, store
     install_error_handlers(app, ctx)
     app.add_middleware(Guard, api_key=api_key, max_request_bytes=int(max_request_bytes),
-                       on_error=ctx.metrics.count_error)
+                       on_error=ctx.metrics.count_error, body_timeout=float(request_body_timeout))
     for r in (chat.router(ctx), completions.router(ctx), responses.router(ctx, store),
               conversations.router(ctx), admin.router(ctx)):
         app.include_router(r)

@@ -9,9 +9,9 @@ Input, one request per line (blank lines are ignored)::
      "body": {"messages": [...], "max_tokens": 16, "temperature": 0, "conversation_id": "c1", "cache_salt": "s"}}
 
 The body is validated exactly as `POST /v1/chat/completions` of the server validates it (the same request model
-from `serving.app`) and answered with the same `chat.completion` object (`serving.openai_format`); `stream` and
-`stream_options` are ignored (whole responses are written). A `model` in the body must name the served model
-(`--served-model-name`, default the checkpoint directory's name), as for the server.
+and limits, `serving.protocol`) and answered with the same `chat.completion` object (`serving.openai_format`);
+`stream` and `stream_options` are ignored (whole responses are written). A `model` in the body must name the
+served model (`--served-model-name`, default the checkpoint directory's name), as for the server.
 
 Conversations: the lines of one conversation (same `cache_salt` + `conversation_id`) run one after another in
 file order, each turn reusing the exact committed cache of the previous one; different conversations (and lines
@@ -188,9 +188,8 @@ def read_done(path: str) -> tuple[dict, set]:
 # The server's request model and error mapping
 # --------------------------------------------------------------------------------------------------
 
-def _validation_error(exc) -> dict:
-    """The server's 400 for a pydantic validation error."""
-    err = protocol.validation_error(exc.errors())
+def _validation_error(err: "protocol.APIError") -> dict:
+    """The server's 400 for a request that breaks a rule of serving.protocol."""
     return dict(status=err.status, message=err.message, param=err.param, code=err.code)
 
 
@@ -275,11 +274,12 @@ class BatchRunner:
         return self._api_error(item, status=e.status, message=e.message, type=e.type, param=e.param, code=e.code)
 
     def _validate(self, body: dict):
-        """(request model, None) or (None, error kwargs)."""
-        from pydantic import ValidationError
+        """(request model, None) or (None, error kwargs): the server's rules and limits (serving.protocol), token
+        ids against this engine's vocabulary."""
         try:
-            return protocol.ChatCompletionRequest.model_validate(body), None
-        except ValidationError as e:
+            return protocol.parse_request(protocol.ChatCompletionRequest, body,
+                                          vocab_size=protocol.engine_vocab_size(self.engine) or None), None
+        except protocol.APIError as e:
             return None, _validation_error(e)
 
     def _submit(self, fn, *args, **kw):

@@ -1,22 +1,49 @@
-"""The OpenAI wire protocol: request models (pydantic), the error type, and logprob formatting.
+"""The OpenAI wire protocol: request models (pydantic), the limits they enforce, the error type, and logprob
+formatting.
 
-Shared by the HTTP app (`serving.app`) and the batch job (`serving.batch`), so both validate and answer alike.
+This is the one place where a request is validated, for every route of the HTTP app (`serving.api`) and for the
+batch job (`serving.batch`): a request that passes it holds only values the engine can hold (docs/server.md,
+"Limits"). Parse with `parse_request(Model, body, vocab_size=...)`: the vocabulary size reaches the validators
+through pydantic's validation context, so token ids are checked against the served model.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Annotated, Any, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from serving import openai_format
 from serving.errors import EngineError
 
 log = logging.getLogger("serving.protocol")
 
-MAX_ID_LEN = 256
+# --------------------------------------------------------------------------------------------------
+# Limits (docs/server.md, "Limits"): what a request may hold. Integers the engine packs into its int32 step
+# arrays are bounded to int32; token ids to the vocabulary; counts and lengths so that no request makes the
+# server do unbounded work before the engine sees it (the body itself is bounded by --max-request-bytes).
+# --------------------------------------------------------------------------------------------------
+
+INT32_MAX = 2 ** 31 - 1
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+MAX_ID_LEN = 256               # conversation_id, cache_salt, previous_response_id: 1..256 printable characters
+MAX_MESSAGES = 4096            # messages of a chat request or /tokenize, input items of a response
+MAX_CONTENT_PARTS = 256        # text parts of one message
+MAX_STOP = 16                  # stop strings
+MAX_STOP_CHARS = 1024          # characters of one stop string
+MAX_STOP_TOKEN_IDS = 256       # stop_token_ids entries
+MAX_TOP_LOGPROBS = 5           # alternatives per token the engine computes (SamplingParams.create)
+MAX_TOKEN_IDS = 1 << 20        # token ids of a completion prompt or a /detokenize request
+
+LIMITS = dict(int32_max=INT32_MAX, max_id_len=MAX_ID_LEN, max_messages=MAX_MESSAGES,
+              max_content_parts=MAX_CONTENT_PARTS, max_stop=MAX_STOP, max_stop_chars=MAX_STOP_CHARS,
+              max_stop_token_ids=MAX_STOP_TOKEN_IDS, max_top_logprobs=MAX_TOP_LOGPROBS,
+              max_token_ids=MAX_TOKEN_IDS)
 
 
 class APIError(Exception):
@@ -52,6 +79,10 @@ def loc_to_param(loc) -> str | None:
     # Drop the location prefix and pydantic's union-branch tags ("str", "list[TextPart]", "function-after[...]").
     parts = [p for p in loc if p not in ("body", "query", "path", "header")
              and not (isinstance(p, str) and _UNION_TAG.match(p))]
+    return path_to_param(parts)
+
+
+def path_to_param(parts) -> str | None:
     out = ""
     for p in parts:
         if isinstance(p, int):
@@ -62,14 +93,121 @@ def loc_to_param(loc) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Field rules, shared by every request model
+# --------------------------------------------------------------------------------------------------
+
+def field_error(param: str, message: str) -> PydanticCustomError:
+    """A validation error that names its field (for checks that see the whole request)."""
+    return PydanticCustomError("invalid_field", message, {"param": param})
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def find_surrogate(obj) -> tuple | None:
+    """The path of the first string holding a lone surrogate (which is not UTF-8 text), or None; for a key that
+    holds one, the path of its object (a path never holds the bad text itself)."""
+    stack = [((), obj)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return path
+        elif isinstance(v, dict):
+            if any(isinstance(k, str) and _SURROGATE.search(k) for k in v):
+                return path
+            for k, x in reversed(list(v.items())):
+                stack.append((path + (k,), x))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((path + (i,), x) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _not_utf8(param: str | None) -> str:
+    return (f"{param + ': ' if param else ''}strings must be valid UTF-8 text (a lone surrogate such as "
+            "\\ud800 is not)")
+
+
+def _printable(v: str) -> str:
+    if not v.isprintable():
+        raise ValueError("must be printable text (no control characters such as a newline)")
+    return v
+
+
+def _vocab(info: ValidationInfo) -> int | None:
+    ctx = info.context if info is not None else None
+    v = ctx.get("vocab_size") if isinstance(ctx, dict) else None
+    return int(v) if v else None
+
+
+def _token_ids(ids: list[int], info: ValidationInfo) -> list[int]:
+    vocab = _vocab(info)
+    if vocab is not None:
+        for i, t in enumerate(ids):
+            if t >= vocab:
+                raise ValueError(f"[{i}] = {t} is not a token id of this model (ids are in [0, {vocab}))")
+    return ids
+
+
+def _top_k(v: int) -> int:
+    if v == 0:
+        raise ValueError(f"top_k must be -1 (disabled) or in [1, {INT32_MAX}]")
+    return v
+
+
+def _stop(v):
+    items = [v] if isinstance(v, str) else v
+    if len(items) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences")
+    for s in items:
+        if not s:
+            raise ValueError("stop sequences must be non-empty strings")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
+    return v
+
+
+# A printable identifier: conversation_id, cache_salt, previous_response_id.
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN), AfterValidator(_printable)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_IDS), AfterValidator(_token_ids)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS), AfterValidator(_token_ids)]
+MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+TopK = Annotated[int, Field(ge=-1, le=INT32_MAX), AfterValidator(_top_k)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]      # the engine folds it to 32 bits
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+Stop = Annotated[str | list[str], AfterValidator(_stop)]
+
+
+def check_id(value: str | None, param: str) -> str | None:
+    """The rule of `Id` for values outside a body (path, query, header): a 400 naming `param` if broken."""
+    if value is not None and (not value or len(value) > MAX_ID_LEN or not value.isprintable()):
+        raise APIError(400, f"{param} must be 1 to {MAX_ID_LEN} printable characters (no control characters such "
+                            "as a newline)", param=param, code="invalid_value")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
 # Request models
 # --------------------------------------------------------------------------------------------------
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LEN)]
-
-
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Request(_Model):
+    """A request body. Every string in it must be UTF-8 text: JSON bodies are checked by the parser (a lone
+    surrogate escape is invalid JSON to it, see `parse_request`), Python objects (the batch job) here."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data, info: ValidationInfo):
+        if info.mode == "python":
+            path = find_surrogate(data)
+            if path is not None:
+                param = path_to_param(path)
+                raise field_error(param or "", _not_utf8(param))
+        return data
 
 
 class TextPart(_Model):
@@ -79,7 +217,7 @@ class TextPart(_Model):
 
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -97,35 +235,31 @@ class ChatMessage(_Model):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
 class StreamOptions(_Model):
     include_usage: bool = False
 
 
-class _SamplingFields(_Model):
+class _SamplingFields(_Request):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = None
+    top_k: TopK | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
+    stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Any = None
     user: str | None = None
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v):
-        if v is not None and v != -1 and v < 1:
-            raise ValueError("top_k must be -1 (disabled) or >= 1")
-        return v
 
     @field_validator("n")
     @classmethod
@@ -134,33 +268,19 @@ class _SamplingFields(_Model):
             raise ValueError("only n=1 is supported")
         return v
 
-    @field_validator("stop")
+    @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
-    def _stop(cls, v):
-        if isinstance(v, list):
-            if len(v) > 16:
-                raise ValueError("at most 16 stop sequences")
-            if any(not s for s in v):
-                raise ValueError("stop sequences must be non-empty strings")
-        elif v == "":
-            raise ValueError("stop sequences must be non-empty strings")
+    def _penalty(cls, v):
+        if v:
+            raise ValueError("penalties are not supported (only 0)")
         return v
 
-    @field_validator("stop_token_ids")
+    @field_validator("logit_bias")
     @classmethod
-    def _stop_ids(cls, v):
-        if v is not None and any(t < 0 for t in v):
-            raise ValueError("stop_token_ids must be non-negative token ids")
-        return v
-
-    @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported (only 0)")
-        if self.logit_bias:
+    def _logit_bias(cls, v):
+        if v is not None and v != {}:  # refused, never ignored: it would change the output
             raise ValueError("logit_bias is not supported")
-        return self
+        return v
 
     def sampling(self, max_tokens: int | None) -> dict:
         kw = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -174,10 +294,10 @@ class _SamplingFields(_Model):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: Messages
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     conversation_id: Id | None = None
     cache_salt: Id | None = None
     tools: list[Any] | None = None
@@ -187,18 +307,20 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _chat_checks(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=true")
+            raise field_error("top_logprobs", "top_logprobs requires logprobs=true")
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise field_error("tools", "tools are not supported")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
+            raise field_error("response_format", "only response_format type 'text' is supported")
         return self
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    # A string, a list of token ids, or a list holding one of them; checked by _prompt (clear messages, token
+    # ids against the vocabulary), then a string or a list of token ids.
+    prompt: Any
+    max_tokens: MaxTokens | None = 16
+    logprobs: TopLogprobs | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -207,32 +329,41 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list):
+    def _prompt(cls, v, info: ValidationInfo):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            v = v[0]
+        if isinstance(v, str):
             if not v:
                 raise ValueError("prompt must not be empty")
-            if isinstance(v[0], (str, list)):
-                if len(v) != 1:
-                    raise ValueError("only one prompt per request is supported")
-                v = v[0]
-        if isinstance(v, list) and not v or v == "":
+            return v
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not v:
             raise ValueError("prompt must not be empty")
+        if len(v) > MAX_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_TOKEN_IDS} token ids")
+        top = _vocab(info) or INT32_MAX + 1
+        for i, t in enumerate(v):
+            if not 0 <= t < top:
+                raise ValueError(f"[{i}] = {t} is not a token id of this model (ids are in [0, {top}))")
         return v
 
     @model_validator(mode="after")
     def _completion_checks(self):
         if self.echo:
-            raise ValueError("echo is not supported")
+            raise field_error("echo", "echo is not supported")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise field_error("suffix", "suffix is not supported")
         if self.best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
+            raise field_error("best_of", "only best_of=1 is supported")
         return self
 
 
-class TokenizeRequest(_Model):
+class TokenizeRequest(_Request):
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    messages: Messages | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
 
@@ -243,9 +374,185 @@ class TokenizeRequest(_Model):
         return self
 
 
-class DetokenizeRequest(_Model):
-    tokens: list[int]
+class DetokenizeRequest(_Request):
+    tokens: TokenIds
     skip_special_tokens: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# The Responses API request (`POST /v1/responses`, serving/api/responses.py)
+# --------------------------------------------------------------------------------------------------
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_NOOP_INCLUDES = {"reasoning.encrypted_content"}  # this server never returns reasoning items
+
+# Fields of OpenAI's request that this server refuses, with the reason (everything else unknown is refused too).
+_REFUSED = {
+    "conversation": "the conversation field is not supported; continue with previous_response_id",
+    "prompt": "prompt templates (the prompt field) are not supported",
+    "context_management": "context_management is not supported",
+    "prompt_cache_options": "prompt_cache_options is not supported",
+    "moderation": "moderation is not supported",
+    "image": "image generation options are not supported",
+    "background_options": "background responses are not supported",
+    "access_programs": "access_programs is not supported",
+    "max_tokens": "use max_output_tokens",
+    "conversation_id": "conversation_id is not a Responses API field; continue with previous_response_id",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _StreamOptions(_Strict):
+    include_obfuscation: bool | None = None  # accepted; this server never pads events
+
+
+class ResponsesRequest(_Request):
+    """`POST /v1/responses` body. Unknown fields are refused (400), never silently ignored."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = None
+    input: str | Annotated[list[Any], Field(max_length=MAX_MESSAGES)]   # items checked by input_messages
+    instructions: str | None = None
+    previous_response_id: Id | None = None
+    store: bool | None = True
+    stream: bool | None = False
+    stream_options: _StreamOptions | None = None
+    max_output_tokens: MaxTokens | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_logprobs: TopLogprobs | None = None
+    include: list[str] | None = None
+    # accepted, no effect on the output (echoed where OpenAI echoes them)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(None, ge=0, le=INT32_MAX)
+    # accepted only with the values that change nothing
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool | None = None
+    # this server's extras (as in chat completions)
+    cache_salt: Id | None = None
+    top_k: TopK | None = None
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: Seed | None = None
+    stop: Stop | None = None
+    stop_token_ids: StopTokenIds | None = None
+    ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data):
+        if isinstance(data, dict):
+            for name in data:
+                if name in _REFUSED and data[name] is not None:
+                    raise field_error(name, f"{name}: {_REFUSED[name]}")
+            data = {k: v for k, v in data.items() if k not in _REFUSED}  # the rest are null: nothing asked
+        return data
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v):
+        if v is not None:
+            if len(v) > 16:
+                raise ValueError("at most 16 metadata pairs")
+            if any(len(k) > 64 or len(x) > 512 for k, x in v.items()):
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.tools:
+            raise field_error("tools", "tools are not supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise field_error("tool_choice", "tool_choice: only 'none' and 'auto' are supported (no tools)")
+        if self.text is not None:
+            extra = set(self.text) - {"format", "verbosity"}
+            if extra:
+                raise field_error(f"text.{sorted(extra)[0]}", f"text.{sorted(extra)[0]} is not supported")
+            fmt = self.text.get("format")
+            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+                raise field_error("text.format", "text.format: only {'type': 'text'} is supported")
+            if self.text.get("verbosity") not in (None, "medium"):
+                raise field_error("text.verbosity", "text.verbosity: only 'medium' is supported")
+        if self.reasoning is not None:
+            for k, v in self.reasoning.items():
+                if v is not None and not (k == "effort" and v == "none"):
+                    raise field_error(f"reasoning.{k}",
+                                      f"reasoning.{k} is not supported (this server returns no reasoning)")
+        if self.truncation == "auto":
+            raise field_error("truncation",
+                              "truncation 'auto' is not supported: a prompt longer than the context is refused")
+        if self.background:
+            raise field_error("background", "background responses are not supported")
+        for i, inc in enumerate(self.include or []):
+            if inc != LOGPROBS_INCLUDE and inc not in _NOOP_INCLUDES:
+                raise field_error(f"include[{i}]", f"include {inc!r} is not supported")
+        if self.top_logprobs and not self.want_logprobs:
+            raise field_error("top_logprobs", f"top_logprobs requires include=[{LOGPROBS_INCLUDE!r}]")
+        return self
+
+    @property
+    def want_logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or [])
+
+    def sampling(self) -> dict:
+        kw = dict(max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p,
+                  top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=self.stop,
+                  stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos or None)
+        if self.want_logprobs:
+            kw.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        return {k: v for k, v in kw.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+
+def engine_vocab_size(engine) -> int:
+    """The vocabulary the engine's model embeds (token ids are in [0, this))."""
+    cfg = getattr(engine, "cfg", None)
+    v = getattr(cfg, "vocab_size", None) or getattr(getattr(engine, "tokenizer", None), "vocab_size", 0)
+    return int(v or 0)
+
+
+def parse_request(model: type[BaseModel], body: bytes | str | Any, *, vocab_size: int | None = None):
+    """Validate a request body, JSON text or an already parsed object (the batch job), into `model`; raises
+    APIError(400) naming the first bad field. `vocab_size` bounds token ids (the served model's)."""
+    context = {"vocab_size": vocab_size}
+    try:
+        if isinstance(body, (bytes, bytearray, str)):
+            return model.model_validate_json(body, context=context)
+        return model.model_validate(body, context=context)
+    except ValidationError as e:
+        errors = e.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            raise _json_error(body) from None
+        raise validation_error(errors) from None
+
+
+def _json_error(body) -> APIError:
+    """Why a body is not JSON to the parser: text that Python's lenient json reads holds a lone surrogate escape
+    (not UTF-8 text) somewhere, which is named; anything else is not JSON at all."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    path = find_surrogate(obj)
+    if path is None:
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    param = path_to_param(path)
+    return APIError(400, _not_utf8(param), param=param, code="invalid_value")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,19 +620,21 @@ class LogprobFormatter:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-
-
 def validation_error(errors: list[dict]) -> APIError:
     """The 400 for pydantic validation errors: the first error's field and message, and how many more."""
     first = errors[0] if errors else {}
-    param = loc_to_param(tuple(first.get("loc", ())))
+    param = (first.get("ctx") or {}).get("param") or loc_to_param(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid request")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
     if first.get("type") == "json_invalid":
         msg, param = "the request body is not valid JSON", None
     elif first.get("type") == "missing":
         msg = f"missing required field: {param}"
+    elif first.get("type") == "invalid_field" or not param or msg.startswith(param):
+        pass
     else:
-        msg = f"{param}: {msg}" if param else msg
+        msg = f"{param}: {msg}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return APIError(400, msg, param=param, code="invalid_value")

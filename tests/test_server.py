@@ -437,7 +437,7 @@ def test_concurrent_turn_gets_409(exact, baseline):
 
 
 def _is_byte_level(srv: ServerProcess) -> bool:
-    with srv.http() as http:
+    with srv.http(KEY) as http:
         return http.post("/tokenize", json={"prompt": "aé"}).json()["tokens"] == [97, 195, 169]
 
 
@@ -526,73 +526,7 @@ def _chat(**over):
 _DROP = object()
 _CHAT, _CMPL = "/v1/chat/completions", "/v1/completions"
 
-MALFORMED = [
-    ("bad-json", "POST", _CHAT, {"content": b'{"messages": [', "headers": {"content-type": "application/json"}}, 400,
-     None),
-    ("body-not-object", "POST", _CHAT, {"json": [1, 2, 3]}, 400, None),
-    ("missing-messages", "POST", _CHAT, _chat(messages=_DROP), 400, None),
-    ("messages-not-list", "POST", _CHAT, _chat(messages="hello"), 400, None),
-    ("empty-messages", "POST", _CHAT, _chat(messages=[]), 400, None),
-    ("message-not-object", "POST", _CHAT, _chat(messages=["hi"]), 400, None),
-    ("unknown-role", "POST", _CHAT, _chat(messages=[{"role": "wizard", "content": "hi"}]), 400, None),
-    ("missing-role", "POST", _CHAT, _chat(messages=[{"content": "hi"}]), 400, None),
-    ("content-number", "POST", _CHAT, _chat(messages=[{"role": "user", "content": 5}]), 400, None),
-    ("content-image-part", "POST", _CHAT,
-     _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, None),
-    ("negative-max-tokens", "POST", _CHAT, _chat(max_tokens=-1), 400, None),
-    ("zero-max-tokens", "POST", _CHAT, _chat(max_tokens=0), 400, None),
-    ("max-tokens-string", "POST", _CHAT, _chat(max_tokens="many"), 400, None),
-    ("zero-max-completion-tokens", "POST", _CHAT, _chat(max_completion_tokens=0), 400, None),
-    ("temperature-5", "POST", _CHAT, _chat(temperature=5), 400, None),
-    ("temperature-negative", "POST", _CHAT, _chat(temperature=-0.1), 400, None),
-    ("top-p-0", "POST", _CHAT, _chat(top_p=0), 400, None),
-    ("top-p-above-1", "POST", _CHAT, _chat(top_p=1.5), 400, None),
-    ("top-k-0", "POST", _CHAT, _chat(top_k=0), 400, None),
-    ("min-p-above-1", "POST", _CHAT, _chat(min_p=1.5), 400, None),
-    ("n-2", "POST", _CHAT, _chat(n=2), 400, None),
-    ("stop-number", "POST", _CHAT, _chat(stop=5), 400, None),
-    ("stop-list-of-numbers", "POST", _CHAT, _chat(stop=[1, 2]), 400, None),
-    ("stop-token-ids-strings", "POST", _CHAT, _chat(stop_token_ids=["a"]), 400, None),
-    ("stream-object", "POST", _CHAT, _chat(stream={"yes": 1}), 400, None),
-    ("empty-cache-salt", "POST", _CHAT, _chat(conversation_id="c", cache_salt=""), 400, None),
-    ("long-cache-salt", "POST", _CHAT, _chat(conversation_id="c", cache_salt="s" * 257), 400, None),
-    ("empty-conversation-id", "POST", _CHAT, _chat(conversation_id=""), 400, None),
-    ("long-conversation-id", "POST", _CHAT, _chat(conversation_id="c" * 257), 400, None),
-    ("conversation-id-number", "POST", _CHAT, _chat(conversation_id=123), 400, None),
-    ("top-logprobs-21", "POST", _CHAT, _chat(logprobs=True, top_logprobs=21), 400, None),
-    ("prompt-too-long", "POST", _CHAT, _chat(messages=[{"role": "user", "content": "x" * (MAX_MODEL_LEN + 50)}]),
-     400, "context_length_exceeded"),
-    ("unknown-model", "POST", _CHAT, _chat(model="gpt-nope"), 404, "model_not_found"),
-    ("body-too-large", "POST", _CHAT, _chat(messages=[{"role": "user", "content": "x" * (MAX_REQUEST_BYTES + 10)}]),
-     413, None),
-    ("completion-missing-prompt", "POST", _CMPL, {"json": {"model": NAME, "max_tokens": 4}}, 400, None),
-    ("completion-empty-prompt", "POST", _CMPL, {"json": {"model": NAME, "prompt": ""}}, 400, None),
-    ("completion-token-out-of-range", "POST", _CMPL, {"json": {"model": NAME, "prompt": [1, 999999]}}, 400, None),
-    ("completion-prompt-too-long", "POST", _CMPL, {"json": {"model": NAME, "prompt": "y" * (MAX_MODEL_LEN + 5)}},
-     400, "context_length_exceeded"),
-    ("completion-n-3", "POST", _CMPL, {"json": {"model": NAME, "prompt": "hi", "n": 3}}, 400, None),
-    ("tokenize-nothing", "POST", "/tokenize", {"json": {}}, 400, None),
-    ("detokenize-strings", "POST", "/detokenize", {"json": {"tokens": ["a"]}}, 400, None),
-    ("conversation-empty-salt", "GET", "/v1/conversations/c?cache_salt=", {}, 400, None),
-    ("conversation-unknown", "GET", "/v1/conversations/never-seen?cache_salt=t", {}, 404, None),
-    ("unknown-route", "GET", "/v1/nothing-here", {}, 404, None),
-    ("wrong-method", "GET", _CHAT, {}, 405, None),
-]
-
-
-@pytest.mark.parametrize("method,path,kwargs,status,code", [m[1:] for m in MALFORMED],
-                         ids=[m[0] for m in MALFORMED])
-def test_malformed_request(exact, method, path, kwargs, status, code):
-    with exact.http(KEY) as http:
-        resp = http.request(method, path, **kwargs)
-        assert_openai_error(resp, status, code)
-        assert http.get("/health").status_code == 200
-
-
-def test_still_serves_after_errors(exact):
-    # Runs after the table: a normal turn works.
-    t = chat_turn(exact.client(KEY), [{"role": "user", "content": "Are you alive?"}], max_tokens=4, ignore_eos=True)
-    assert t.completion_tokens == 4
+# The table of malformed requests (and the other edge checks) is in tests/test_edge.py.
 
 
 def test_api_key(exact):
@@ -731,7 +665,7 @@ def test_metrics(exact):
 
 
 def test_tokenize_detokenize(exact):
-    with exact.http() as http:
+    with exact.http(KEY) as http:
         text = "Hello, wörld! ∑ 🙂"
         tok = http.post("/tokenize", json={"prompt": text}).json()
         assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == MAX_MODEL_LEN

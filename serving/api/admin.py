@@ -1,12 +1,13 @@
-"""Models, tokenizer and operations: `GET /v1/models[/{name}]`, `POST /tokenize`, `POST /detokenize`,
+"""Models, tokenizer and operations: `GET /v1/models[/{name}]`, `POST /tokenize`, `POST /detokenize` (behind the
+API key like /v1/*; the tokenizer and the chat template run in a worker thread, off the event loop),
 `GET /health`, `GET /version`, `GET /metrics` (Prometheus)."""
 from __future__ import annotations
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.api.common import ServerContext, __version__, vocab_size
+from serving.api.common import ServerContext, __version__, call
 from serving.protocol import APIError, DetokenizeRequest, TokenizeRequest, as_api_error
 
 
@@ -32,25 +33,31 @@ def router(ctx: ServerContext) -> APIRouter:
         return model_card(ctx)
 
     @r.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(request: Request):
+        body = await ctx.parse(request, TokenizeRequest)
         tok = engine.tokenizer
-        try:
+
+        def run():
             if body.messages is not None:
-                ids = tok.apply_chat_template([m.to_engine() for m in body.messages],
-                                              add_generation_prompt=body.add_generation_prompt, tokenize=True)
-            else:
-                ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+                return tok.apply_chat_template([m.to_engine() for m in body.messages],
+                                               add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            return tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+
+        try:
+            ids = await call(run)
         except Exception as e:
             raise as_api_error(e) from None
         ids = [int(t) for t in ids]
         return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
 
     @r.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        vocab = vocab_size(engine)
-        if vocab and any(t < 0 or t >= vocab for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
-        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
+    async def detokenize(request: Request):
+        body = await ctx.parse(request, DetokenizeRequest)  # token ids checked against the vocabulary there
+        try:
+            text = await call(engine.tokenizer.decode, body.tokens, skip_special_tokens=body.skip_special_tokens)
+        except Exception as e:
+            raise as_api_error(e) from None
+        return {"prompt": text}
 
     @r.get("/health")
     async def health():

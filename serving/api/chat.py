@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving import openai_format
-from serving.api.common import DeliveringJSONResponse, ServerContext, header_salt, sse
+from serving.api.common import DeliveringJSONResponse, ServerContext, sse
 from serving.protocol import ChatCompletionRequest
 
 
@@ -17,12 +17,12 @@ def router(ctx: ServerContext) -> APIRouter:
     engine, metrics, lp_fmt, model_name = ctx.engine, ctx.metrics, ctx.lp_fmt, ctx.model_name
 
     @r.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await ctx.parse(request, ChatCompletionRequest)
         ctx.check_model(body.model)
         messages = [m.to_engine() for m in body.messages]
-        cache_salt = body.cache_salt
-        if cache_salt is None:
-            cache_salt = header_salt(request)
+        cache_salt = ctx.salt(request, body.cache_salt,
+                              id_param="conversation_id" if body.conversation_id is not None else None)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sampling = body.sampling(max_tokens)
         if body.logprobs:

@@ -1,6 +1,7 @@
-"""What every API module of the server shares: the API-key and body-size guard (ASGI middleware), the error
-handlers (every error in OpenAI's shape), the engine pump (a RequestHandle iterated in a thread, its events in an
-asyncio queue), SSE helpers and `ServerContext`, the per-app state the routers are built over.
+"""What every API module of the server shares: the guard (ASGI middleware: API key, body size, body read timeout),
+the error handlers (every error in OpenAI's shape), the engine pump (a RequestHandle iterated in a thread, its
+events in an asyncio queue), SSE helpers, the salt rules, and `ServerContext`, the per-app state the routers are
+built over.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 import threading
 import time
 from typing import Callable
+from urllib.parse import unquote_plus
 
 import anyio
 from fastapi import FastAPI, Request
@@ -20,12 +22,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import Metrics
-from serving.protocol import MAX_ID_LEN, APIError, LogprobFormatter, as_api_error, openai_error, validation_error
+from serving.protocol import (APIError, LogprobFormatter, as_api_error, check_id, engine_vocab_size, openai_error,
+                              parse_request, validation_error)
 
 log = logging.getLogger("serving.app")
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_REQUEST_BODY_TIMEOUT = 30.0
 _DISCONNECT_POLL_S = 0.25
+_INLINE_PARSE_BYTES = 64 * 1024   # larger bodies are parsed in a worker thread, off the event loop
+# Routes behind the API key besides /v1/*: they run the tokenizer and the chat template.
+KEYED_PATHS = ("/tokenize", "/detokenize")
 
 try:
     from importlib.metadata import version as _pkg_version
@@ -36,26 +43,34 @@ except Exception:  # not installed
 
 
 # --------------------------------------------------------------------------------------------------
-# Middleware: API key and request size
+# Middleware: API key, request size, body read timeout
 # --------------------------------------------------------------------------------------------------
 
 class Guard:
-    """Pure ASGI middleware: `Authorization: Bearer KEY` on /v1/* when an API key is set, then a bound on the
-    request body (413). The body is read here and replayed, so later receive() calls still report disconnects."""
+    """Pure ASGI middleware: `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize when an API key is
+    set (401), then the request body read whole: larger than `max_request_bytes` is 413, not received within
+    `body_timeout` seconds of the headers (a body shorter than its Content-Length, a stalled chunked body) is 408
+    and the connection is closed. The body is replayed to the app, so later receive() calls still report
+    disconnects."""
 
-    def __init__(self, app, *, api_key: str | None, max_request_bytes: int, on_error: Callable[[int], None]):
+    def __init__(self, app, *, api_key: str | None, max_request_bytes: int, on_error: Callable[[int], None],
+                 body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT):
         self.app, self.api_key, self.max_bytes, self.on_error = app, api_key, max_request_bytes, on_error
+        self.body_timeout = float(body_timeout)
 
     async def _reject(self, scope, receive, send, status, message, code, headers=None):
         self.on_error(status)
         resp = JSONResponse(openai_error(status, message, code=code), status_code=status, headers=headers)
         await resp(scope, receive, send)
 
+    def keyed(self, path: str) -> bool:
+        return path.startswith("/v1/") or path in KEYED_PATHS
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key is not None and scope.get("path", "").startswith("/v1/"):
+        if self.api_key is not None and self.keyed(scope.get("path", "")):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
@@ -72,19 +87,17 @@ class Guard:
                     return await self._reject(scope, receive, send, 413, too_large, "request_too_large")
             except ValueError:
                 return await self._reject(scope, receive, send, 400, "bad Content-Length", "invalid_request")
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client left before sending its body
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                return await self._reject(scope, receive, send, 413, too_large, "request_too_large")
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body = await self._read_body(receive)
+        except TimeoutError:
+            return await self._reject(scope, receive, send, 408, f"the request body was not received within "
+                                      f"{self.body_timeout:g} s", "request_timeout", headers={"Connection": "close"})
+        if body is None:
+            return  # the client left before sending its body
+        if body is False:
+            return await self._reject(scope, receive, send, 413, too_large, "request_too_large")
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay_receive():
             if replay:
@@ -92,6 +105,53 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay_receive, send)
+
+    async def _read_body(self, receive) -> bytes | None | bool:
+        """The whole body; None if the client disconnected, False if it grew past the size bound."""
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return None
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                return False
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------------
+# The salt never reaches a log: uvicorn's access log (on with --log-level debug) has it redacted from query strings
+# --------------------------------------------------------------------------------------------------
+
+def redact_query(target: str) -> str:
+    """A request target with the value of every `cache_salt` query parameter replaced by `***`."""
+    path, sep, query = target.partition("?")
+    if not sep or "salt" not in unquote_plus(query).lower():
+        return target
+    parts = []
+    for pair in query.split("&"):
+        key, eq, _ = pair.partition("=")
+        parts.append(f"{key}=***" if unquote_plus(key).strip().lower() == "cache_salt" else pair)
+    return path + "?" + "&".join(parts)
+
+
+class RedactSalt(logging.Filter):
+    """On uvicorn's access logger: the request target (its args[2]) without cache_salt values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = args[:2] + (redact_query(args[2]),) + args[3:]
+        return True
+
+
+def install_log_redaction() -> None:
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactSalt) for f in logger.filters):
+        logger.addFilter(RedactSalt())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,31 +270,33 @@ class DeliveringJSONResponse(JSONResponse):
 # --------------------------------------------------------------------------------------------------
 
 def header_salt(request: Request) -> str | None:
-    return request.headers.get("x-cache-salt")
+    """The X-Cache-Salt header, read as UTF-8 (as a body field is) and held to the rules of an id."""
+    raw = request.headers.get("x-cache-salt")
+    if raw is None:
+        return None
+    try:
+        raw = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise APIError(400, "the X-Cache-Salt header must be UTF-8 text", param="cache_salt",
+                       code="invalid_value") from None
+    return check_id(raw, "cache_salt")
 
 
 def check_salt(salt: str | None, param: str = "cache_salt") -> str | None:
-    if salt is not None and (not salt or len(salt) > MAX_ID_LEN):
-        raise APIError(400, f"cache_salt must be a non-empty string of at most {MAX_ID_LEN} characters",
-                       param=param, code="invalid_value")
-    return salt
+    return check_id(salt, param)
 
 
 def query_salt(request: Request) -> str | None:
-    """The cache_salt of a GET/DELETE: the `cache_salt` query parameter or the `X-Cache-Salt` header (they must
-    agree when both are given)."""
-    q = request.query_params.get("cache_salt")
+    """The cache_salt of a GET/DELETE: the `X-Cache-Salt` header, else the `cache_salt` query parameter (the
+    header wins when both are given; prefer it: query strings end up in access logs)."""
     h = header_salt(request)
-    if q is not None and h is not None and q != h:
-        raise APIError(400, "cache_salt query parameter and X-Cache-Salt header differ", param="cache_salt",
-                       code="invalid_value")
-    return check_salt(q if q is not None else h)
+    if h is not None:
+        return h
+    return check_id(request.query_params.get("cache_salt"), "cache_salt")
 
 
 def vocab_size(engine) -> int:
-    cfg = getattr(engine, "cfg", None)
-    v = getattr(cfg, "vocab_size", None) or getattr(engine.tokenizer, "vocab_size", 0)
-    return int(v or 0)
+    return engine_vocab_size(engine)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,8 +306,11 @@ def vocab_size(engine) -> int:
 class ServerContext:
     """The engine, its served name, the metrics registry and the request plumbing every router uses."""
 
-    def __init__(self, engine, *, served_model_name: str | None = None, metrics: Metrics | None = None):
+    def __init__(self, engine, *, served_model_name: str | None = None, metrics: Metrics | None = None,
+                 require_cache_salt: bool = False):
         self.engine = engine
+        self.require_cache_salt = bool(require_cache_salt)
+        self.vocab_size = engine_vocab_size(engine) or None
         self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"
         self.accepted_models = {self.model_name, getattr(engine, "model_name", self.model_name)}
         self.max_model_len = int(getattr(engine, "max_model_len", 0) or 0)
@@ -267,6 +332,30 @@ class ServerContext:
             engine_observes = False  # another app's metrics already sits in the engine
         self.metrics, self.engine_observes = metrics, engine_observes
         self.lp_fmt = LogprobFormatter(engine.tokenizer)
+
+    # ------------------------------------------------------------------ requests
+    async def parse(self, request: Request, model):
+        """The request body validated into `model` (serving.protocol: the one place of the rules), 400 if it
+        breaks one. Large bodies are parsed in a worker thread, off the event loop."""
+        raw = await request.body()
+        if len(raw) > _INLINE_PARSE_BYTES:
+            return await call(parse_request, model, raw, vocab_size=self.vocab_size)
+        return parse_request(model, raw, vocab_size=self.vocab_size)
+
+    def salt(self, request: Request, body_salt: str | None, *, id_param: str | None = None) -> str | None:
+        """The cache_salt of a request: the X-Cache-Salt header, else the body's field (the header wins when
+        both are given). With --require-cache-salt a request carrying an id (`id_param`: conversation_id,
+        previous_response_id) must have one."""
+        salt = header_salt(request)
+        if salt is None:
+            salt = body_salt
+        self.require_salt(salt, id_param)
+        return salt
+
+    def require_salt(self, salt: str | None, id_param: str | None) -> None:
+        if salt is None and id_param is not None and self.require_cache_salt:
+            raise APIError(400, f"this server requires a cache_salt with {id_param} (send the X-Cache-Salt "
+                                "header)", param="cache_salt", code="cache_salt_required")
 
     # ------------------------------------------------------------------ errors
     def error_response(self, err: APIError) -> JSONResponse:
@@ -290,7 +379,8 @@ class ServerContext:
 
     def check_model(self, name: str | None):
         if name and name not in self.accepted_models:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+            shown = name if len(name) <= 200 else name[:200] + "..."
+            raise APIError(404, f"the model {shown!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
     # ------------------------------------------------------------------ generation

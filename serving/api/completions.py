@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving import openai_format
-from serving.api.common import DeliveringJSONResponse, ServerContext, header_salt, vocab_size
-from serving.protocol import APIError, CompletionRequest
+from serving.api.common import DeliveringJSONResponse, ServerContext
+from serving.protocol import CompletionRequest
 
 
 def router(ctx: ServerContext) -> APIRouter:
@@ -18,23 +18,18 @@ def router(ctx: ServerContext) -> APIRouter:
     engine, metrics, lp_fmt, model_name = ctx.engine, ctx.metrics, ctx.lp_fmt, ctx.model_name
 
     @r.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await ctx.parse(request, CompletionRequest)  # token ids checked against the vocabulary there
         ctx.check_model(body.model)
         sampling = body.sampling(body.max_tokens)
         if body.logprobs is not None:
             sampling.update(logprobs=True, top_logprobs=body.logprobs)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            vocab = vocab_size(engine)
-            if vocab and any(t < 0 or t >= vocab for t in prompt):
-                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+        cache_salt = ctx.salt(request, body.cache_salt,
+                              id_param="conversation_id" if body.conversation_id is not None else None)
         rid = "cmpl-" + uuid.uuid4().hex
         now = int(time.time())
-        conv_kw = {}
-        if body.conversation_id is not None:
-            cache_salt = body.cache_salt if body.cache_salt is not None else header_salt(request)
-            conv_kw = dict(conversation_id=body.conversation_id, cache_salt=cache_salt)
-        pump, t0 = await ctx.start(engine.complete_stream, prompt, **conv_kw, **sampling)
+        pump, t0 = await ctx.start(engine.complete_stream, body.prompt, conversation_id=body.conversation_id,
+                                   cache_salt=cache_salt, **sampling)
         first = await ctx.first_event(pump, request)
         if first is None:
             return Response(status_code=499)

@@ -1,11 +1,12 @@
 """`GET /v1/conversations` (one salt's conversations) and `GET|DELETE /v1/conversations/{conversation_id}`:
-`cache_salt` as query parameter or `X-Cache-Salt` header; an unknown id and a wrong salt both answer 404."""
+`cache_salt` as the `X-Cache-Salt` header (preferred: query strings end up in access logs) or the `cache_salt`
+query parameter; an unknown id and a wrong salt both answer 404. With --require-cache-salt a salt is required."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
 from serving.api.common import ServerContext, call, query_salt
-from serving.protocol import MAX_ID_LEN, APIError, as_api_error
+from serving.protocol import APIError, as_api_error, check_id
 
 
 def router(ctx: ServerContext) -> APIRouter:
@@ -13,10 +14,10 @@ def router(ctx: ServerContext) -> APIRouter:
     engine = ctx.engine
 
     def conversation_args(conversation_id: str, request: Request):
-        if not conversation_id or len(conversation_id) > MAX_ID_LEN:
-            raise APIError(400, f"conversation_id must be a non-empty string of at most {MAX_ID_LEN} characters",
-                           param="conversation_id", code="invalid_value")
-        return query_salt(request)
+        check_id(conversation_id, "conversation_id")
+        salt = query_salt(request)
+        ctx.require_salt(salt, "conversation_id")
+        return salt
 
     def not_found(conversation_id):
         # The same answer for an unknown id and for a wrong salt: never reveal another tenant's conversation.
@@ -26,6 +27,7 @@ def router(ctx: ServerContext) -> APIRouter:
     @r.get("/v1/conversations")
     async def list_conversations(request: Request):
         salt = query_salt(request)
+        ctx.require_salt(salt, "a conversation listing")
         try:
             data = await call(engine.list_conversations, salt)
         except Exception as e:

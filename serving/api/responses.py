@@ -14,170 +14,16 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.api.common import DeliveringJSONResponse, ServerContext, check_salt, header_salt, query_salt, sse
-from serving.protocol import Id, APIError, as_api_error
+from serving.api.common import DeliveringJSONResponse, ServerContext, query_salt, sse
+from serving.protocol import APIError, ResponsesRequest, as_api_error  # noqa: F401 (ResponsesRequest re-exported)
 from serving.responses_store import ResponsesStore
 
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
-_NOOP_INCLUDES = {"reasoning.encrypted_content"}  # this server never returns reasoning items
 _ROLES = {"user", "system", "developer", "assistant"}
 _TEXT_PARTS = {"input_text", "output_text"}
-
-# Fields of OpenAI's request that this server refuses, with the reason (everything else unknown is refused too).
-_REFUSED = {
-    "conversation": "the conversation field is not supported; continue with previous_response_id",
-    "prompt": "prompt templates (the prompt field) are not supported",
-    "context_management": "context_management is not supported",
-    "prompt_cache_options": "prompt_cache_options is not supported",
-    "moderation": "moderation is not supported",
-    "image": "image generation options are not supported",
-    "background_options": "background responses are not supported",
-    "access_programs": "access_programs is not supported",
-    "max_tokens": "use max_output_tokens",
-    "conversation_id": "conversation_id is not a Responses API field; continue with previous_response_id",
-}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _StreamOptions(_Strict):
-    include_obfuscation: bool | None = None  # accepted; this server never pads events
-
-
-class ResponsesRequest(_Strict):
-    """`POST /v1/responses` body. Unknown fields are refused (400), never silently ignored."""
-    model: str | None = None
-    input: str | list[Any]
-    instructions: str | None = None
-    previous_response_id: str | None = None
-    store: bool | None = True
-    stream: bool | None = False
-    stream_options: _StreamOptions | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    include: list[str] | None = None
-    # accepted, no effect on the output (echoed where OpenAI echoes them)
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
-    max_tool_calls: int | None = Field(None, ge=0)
-    # accepted only with the values that change nothing
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    text: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None
-    truncation: Literal["auto", "disabled"] | None = None
-    background: bool | None = None
-    # this server's extras (as in chat completions)
-    cache_salt: Id | None = None
-    top_k: int | None = None
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refused(cls, data):
-        if isinstance(data, dict):
-            for name in data:
-                if name in _REFUSED and data[name] is not None:
-                    raise ValueError(f"{name}: {_REFUSED[name]}")
-            data = {k: v for k, v in data.items() if k not in _REFUSED}  # the rest are null: nothing asked
-        return data
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v):
-        if v is not None and v != -1 and v < 1:
-            raise ValueError("top_k must be -1 (disabled) or >= 1")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        if isinstance(v, list):
-            if len(v) > 16:
-                raise ValueError("at most 16 stop sequences")
-            if any(not s for s in v):
-                raise ValueError("stop sequences must be non-empty strings")
-        elif v == "":
-            raise ValueError("stop sequences must be non-empty strings")
-        return v
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _stop_ids(cls, v):
-        if v is not None and any(t < 0 for t in v):
-            raise ValueError("stop_token_ids must be non-negative token ids")
-        return v
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata(cls, v):
-        if v is not None:
-            if len(v) > 16:
-                raise ValueError("at most 16 metadata pairs")
-            if any(len(k) > 64 or len(x) > 512 for k, x in v.items()):
-                raise ValueError("metadata keys are at most 64 characters, values at most 512")
-        return v
-
-    @model_validator(mode="after")
-    def _unsupported(self):
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice: only 'none' and 'auto' are supported (no tools)")
-        if self.text is not None:
-            extra = set(self.text) - {"format", "verbosity"}
-            if extra:
-                raise ValueError(f"text.{sorted(extra)[0]} is not supported")
-            fmt = self.text.get("format")
-            if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-                raise ValueError("text.format: only {'type': 'text'} is supported")
-            if self.text.get("verbosity") not in (None, "medium"):
-                raise ValueError("text.verbosity: only 'medium' is supported")
-        if self.reasoning is not None:
-            for k, v in self.reasoning.items():
-                if v is not None and not (k == "effort" and v == "none"):
-                    raise ValueError(f"reasoning.{k} is not supported (this server returns no reasoning)")
-        if self.truncation == "auto":
-            raise ValueError("truncation 'auto' is not supported: a prompt longer than the context is refused")
-        if self.background:
-            raise ValueError("background responses are not supported")
-        for inc in self.include or []:
-            if inc != LOGPROBS_INCLUDE and inc not in _NOOP_INCLUDES:
-                raise ValueError(f"include {inc!r} is not supported")
-        if self.top_logprobs and not self.want_logprobs:
-            raise ValueError(f"top_logprobs requires include=[{LOGPROBS_INCLUDE!r}]")
-        return self
-
-    @property
-    def want_logprobs(self) -> bool:
-        return LOGPROBS_INCLUDE in (self.include or [])
-
-    def sampling(self) -> dict:
-        kw = dict(max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p,
-                  top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=self.stop,
-                  stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos or None)
-        if self.want_logprobs:
-            kw.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
-        return {k: v for k, v in kw.items() if v is not None}
 
 
 def input_messages(inp) -> list[dict]:
@@ -242,9 +88,11 @@ def router(ctx: ServerContext, store: ResponsesStore) -> APIRouter:
         return APIError(404, f"{what} {rid!r} not found", param=param, code="response_not_found")
 
     @r.post("/v1/responses")
-    async def create_response(body: ResponsesRequest, request: Request):
+    async def create_response(request: Request):
+        body = await ctx.parse(request, ResponsesRequest)
         ctx.check_model(body.model)
-        salt = body.cache_salt if body.cache_salt is not None else check_salt(header_salt(request))
+        salt = ctx.salt(request, body.cache_salt,
+                        id_param="previous_response_id" if body.previous_response_id is not None else None)
         new_msgs = input_messages(body.input)
         prev = None
         if body.previous_response_id is not None:
