@@ -18,8 +18,11 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
                       ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
+from hybrid_jax.sampling import NUM_TOP_LOGPROBS
 from serving import openai_format
 from serving.errors import EngineError
+from serving.request import INT32_MAX
+from serving.turns import MAX_ID_LEN  # conversation_id, cache_salt, previous_response_id: 1..256 printable
 
 log = logging.getLogger("serving.protocol")
 
@@ -29,15 +32,13 @@ log = logging.getLogger("serving.protocol")
 # server do unbounded work before the engine sees it (the body itself is bounded by --max-request-bytes).
 # --------------------------------------------------------------------------------------------------
 
-INT32_MAX = 2 ** 31 - 1
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
-MAX_ID_LEN = 256               # conversation_id, cache_salt, previous_response_id: 1..256 printable characters
 MAX_MESSAGES = 4096            # messages of a chat request or /tokenize, input items of a response
 MAX_CONTENT_PARTS = 256        # text parts of one message
 MAX_STOP = 16                  # stop strings
 MAX_STOP_CHARS = 1024          # characters of one stop string
 MAX_STOP_TOKEN_IDS = 256       # stop_token_ids entries
-MAX_TOP_LOGPROBS = 5           # alternatives per token the engine computes (SamplingParams.create)
+MAX_TOP_LOGPROBS = NUM_TOP_LOGPROBS  # alternatives per token the engine computes (hybrid_jax.sampling)
 MAX_TOKEN_IDS = 1 << 20        # token ids of a completion prompt or a /detokenize request
 
 LIMITS = dict(int32_max=INT32_MAX, max_id_len=MAX_ID_LEN, max_messages=MAX_MESSAGES,

@@ -7,8 +7,12 @@ import threading
 import time
 
 from hybrid_jax import ledger as L
+from hybrid_jax.sampling import NUM_TOP_LOGPROBS
 from serving.errors import BadRequest
 from serving.tokenizer import IncrementalDecoder
+
+
+INT32_MAX = 2 ** 31 - 1  # every integer the device steps take is int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +43,15 @@ class SamplingParams:
         kw["stop"] = tuple(stop)
         kw["stop_token_ids"] = tuple(int(t) for t in kw.get("stop_token_ids", ()) or ())
         p = cls(**kw)
-        checks = [(isinstance(p.max_tokens, int) and p.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+        checks = [(isinstance(p.max_tokens, int) and 1 <= p.max_tokens <= INT32_MAX,
+                   f"max_tokens must be an integer in [1, {INT32_MAX}]"),
                   (0.0 <= p.temperature <= 2.0, "temperature must be in [0, 2]"),
                   (0.0 < p.top_p <= 1.0, "top_p must be in (0, 1]"),
-                  (p.top_k == -1 or p.top_k >= 1, "top_k must be -1 (off) or >= 1"),
+                  (p.top_k == -1 or 1 <= p.top_k <= INT32_MAX, f"top_k must be -1 (off) or in [1, {INT32_MAX}]"),
                   (0.0 <= p.min_p <= 1.0, "min_p must be in [0, 1]"),
-                  (0 <= p.top_logprobs <= 5, "top_logprobs must be in [0, 5]")]
+                  (0 <= p.top_logprobs <= NUM_TOP_LOGPROBS, f"top_logprobs must be in [0, {NUM_TOP_LOGPROBS}]"),
+                  (all(0 <= t <= INT32_MAX for t in p.stop_token_ids),
+                   f"stop_token_ids must be token ids in [0, {INT32_MAX}]")]
         for ok, msg in checks:
             if not ok:
                 raise BadRequest(msg, param=msg.split()[0])

@@ -8,7 +8,7 @@ from serving.request import Request
 from serving.tokenizer import render_continuation
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
-_MAX_ID_LEN = 256
+MAX_ID_LEN = 256
 
 
 def chat_request(tok, rid: str, msgs, sp, salt) -> Request:
@@ -65,18 +65,19 @@ def _prefix_len(ids, prefix) -> int | None:
     return n if 0 < n < len(ids) and list(ids[:n]) == list(prefix) else None
 
 
+def _valid_id(v) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_ID_LEN and v.isprintable()
+
+
 def validate_salt(cache_salt) -> str | None:
-    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
-                                   or len(cache_salt) > _MAX_ID_LEN):
-        raise BadRequest(f"cache_salt must be a non-empty string of at most {_MAX_ID_LEN} characters",
-                         param="cache_salt")
+    if cache_salt is not None and not _valid_id(cache_salt):
+        raise BadRequest(f"cache_salt must be 1 to {MAX_ID_LEN} printable characters", param="cache_salt")
     return cache_salt
 
 
 def conversation_key(conversation_id, cache_salt):
-    if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > _MAX_ID_LEN:
-        raise BadRequest(f"conversation_id must be a non-empty string of at most {_MAX_ID_LEN} characters",
-                         param="conversation_id")
+    if not _valid_id(conversation_id):
+        raise BadRequest(f"conversation_id must be 1 to {MAX_ID_LEN} printable characters", param="conversation_id")
     return (validate_salt(cache_salt), conversation_id)
 
 
