@@ -20,8 +20,8 @@ from jax.sharding import PartitionSpec as P
 from hybrid_jax.config import ModelConfig, MoEConfig
 from pallas_kernels import grouped_matmul
 
-_EXPERT_SPECS = {"experts_up": P(None, None, "tp"), "experts_gate": P(None, None, "tp"),
-                 "experts_down": P(None, "tp", None)}
+EXPERTS = ("experts_up", "experts_gate", "experts_down")
+_EXPERT_TP_DIM = {"experts_up": -1, "experts_gate": -1, "experts_down": -2}
 
 
 def _linear(x, p, name):
@@ -56,36 +56,40 @@ def route_softmax(x_ND, router_DE, moe: MoEConfig):
     return jax.nn.softmax(top, axis=-1).astype(x_ND.dtype).astype(jnp.float32), idx.astype(jnp.int32)
 
 
-def routed_experts(p, x_NX, w_NK, idx_NK, moe: MoEConfig):
-    """sum_k w[n,k] * expert_{idx[n,k]}(x[n]) -> [N, X] float32, as grouped matmuls over expert-sorted rows."""
+def routed_experts(p, x_NX, w_NK, idx_NK, moe: MoEConfig, layer=None):
+    """sum_k w[n,k] * expert_{idx[n,k]}(x[n]) -> [N, X] float32, as grouped matmuls over expert-sorted rows.
+    layer: p's expert weights are the stacked [L, E, in, out] of every MoE layer and this is layer `layer`."""
     N, K = idx_NK.shape
     E = moe.num_experts
     flat = idx_NK.reshape(-1)
     order = jnp.argsort(flat, stable=True)                                    # (token, k) pairs by expert
     sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
     rows = x_NX[order // K]
-    up = grouped_matmul(rows, p["experts_up"], sizes)
+    up = grouped_matmul(rows, p["experts_up"], sizes, layer=layer)
     if moe.expert_kind == "relu2":
         h = jnp.square(jax.nn.relu(up))
     else:
-        h = jax.nn.silu(grouped_matmul(rows, p["experts_gate"], sizes)) * up
-    y = grouped_matmul(h, p["experts_down"], sizes).astype(jnp.float32)
+        h = jax.nn.silu(grouped_matmul(rows, p["experts_gate"], sizes, layer=layer)) * up
+    y = grouped_matmul(h, p["experts_down"], sizes, layer=layer).astype(jnp.float32)
     y = y * w_NK.reshape(-1)[order][:, None]
     per_pair = jnp.zeros_like(y).at[order].set(y).reshape(N, K, -1)
     return per_pair.sum(1)
 
 
-def _routed_sharded(p, x_NX, w_NK, idx_NK, cfg: ModelConfig):
+def _routed_sharded(p, x_NX, w_NK, idx_NK, cfg: ModelConfig, layer=None):
     """routed_experts, split by the experts' inner dimension over the tensor parallel mesh (cfg.tp > 1)."""
     if cfg.tp == 1:
-        return routed_experts(p, x_NX, w_NK, idx_NK, cfg.moe)
+        return routed_experts(p, x_NX, w_NK, idx_NK, cfg.moe, layer)
     from hybrid_jax.sharding import mesh_for
 
-    experts = {k: p[k] for k in _EXPERT_SPECS if k in p}
-    part = lambda e, x, w, i: jax.lax.psum(routed_experts(e, x, w, i, cfg.moe), "tp")
-    f = jax.shard_map(part, mesh=mesh_for(cfg.tp), in_specs=({k: _EXPERT_SPECS[k] for k in experts}, P(), P(), P()),
-                      out_specs=P(), check_vma=False)
-    return f(experts, x_NX, w_NK, idx_NK)
+    experts = {k: p[k] for k in EXPERTS if k in p}
+    specs = {k: P(*([None] * (a.ndim + _EXPERT_TP_DIM[k])), "tp") for k, a in experts.items()}
+    j = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    part = lambda e, x, w, i, j: jax.lax.psum(routed_experts(e, x, w, i, cfg.moe, None if layer is None else j),
+                                              "tp")
+    f = jax.shard_map(part, mesh=mesh_for(cfg.tp), in_specs=(specs, P(), P(), P(), P()), out_specs=P(),
+                      check_vma=False)
+    return f(experts, x_NX, w_NK, idx_NK, j)
 
 
 def _shared(p, x, moe: MoEConfig):
@@ -94,8 +98,10 @@ def _shared(p, x, moe: MoEConfig):
     return _linear(jax.nn.silu(_linear(x, p, "shared_gate")) * _linear(x, p, "shared_up"), p, "shared_down")
 
 
-def moe_block(p, x_BTD, cfg: ModelConfig):
-    """The MoE sublayer's output (before the residual add) for normed input x [B,T,D]."""
+def moe_block(p, x_BTD, cfg: ModelConfig, layer=None):
+    """The MoE sublayer's output (before the residual add) for normed input x [B,T,D]. layer: p's expert weights
+    are stacked over the MoE layers ([L, E, in, out], the rest of p is this layer's) and this is layer `layer`:
+    the expert compute reads only the chosen experts' weights of it."""
     moe = cfg.moe
     B, T, D = x_BTD.shape
     x = x_BTD.reshape(B * T, D)
@@ -104,7 +110,7 @@ def moe_block(p, x_BTD, cfg: ModelConfig):
     else:
         w, idx = route_softmax(x, p["router"], moe)
     xe = _linear(x, p, "latent_in") if moe.latent_size else x
-    y = _routed_sharded(p, xe, w, idx, cfg).astype(x.dtype)
+    y = _routed_sharded(p, xe, w, idx, cfg, layer).astype(x.dtype)
     if moe.latent_size:
         y = _linear(y, p, "latent_out")
     if moe.shared_intermediate_size:

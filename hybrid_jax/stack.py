@@ -132,8 +132,9 @@ def _position(stack, h, state, code, j, cfg: ModelConfig, mx: Mixers, pos_BT):
         return residual(h, L.mlp(p, L.rms_norm(h, p["norm"], cfg.rms_eps), cfg), cfg)
 
     def moe(h, q, k, v, state, j):
-        p = _layer(stack, "moe", j)
-        return residual(h, M.moe_block(p, L.rms_norm(h, p["norm"], cfg.rms_eps), cfg), cfg)
+        # The expert weights stay stacked: slicing layer j of them would copy all its experts' weights.
+        p = {n: (a if n in M.EXPERTS else a[j]) for n, a in stack["moe"].items()}
+        return residual(h, M.moe_block(p, L.rms_norm(h, p["norm"], cfg.rms_eps), cfg, layer=j), cfg)
 
     same = lambda h, *a: h
     branches = [same, attn if has_attn else same, mlp if "mlp" in stack else same, moe][:n_codes]

@@ -15,6 +15,10 @@ sizes before g), rows past sum(sizes_G) give 0. Two implementations:
 
 `impl=None` picks "tiled" on CPU and "ragged_dot" elsewhere. All dots accumulate in float32; the result has x's
 dtype (like ragged_dot's default).
+
+`layer`: with a stacked weight w_LGKN, the groups of layer `layer` (a traced index). The tiled loop then reads
+w[layer, g] for each tile itself: slicing the layer first (w[layer], all G experts) would copy every expert's
+weights, a cost that grows with the number of experts.
 """
 from __future__ import annotations
 
@@ -59,10 +63,10 @@ def _tile_table(sizes_G, tile_rows: int, n_tiles: int):
     return g, first, valid, tile_end_G[-1]
 
 
-def grouped_matmul_tiled(x_MK, w_GKN, sizes_G, *, tile_rows: int | None = None):
+def grouped_matmul_tiled(x_MK, w_GKN, sizes_G, *, tile_rows: int | None = None, layer=None):
     """The "tiled" implementation (see the module docstring)."""
     M, K = x_MK.shape
-    G, K2, N = w_GKN.shape
+    G, K2, N = w_GKN.shape[-3:]
     assert K == K2, (x_MK.shape, w_GKN.shape)
     if M == 0:
         return jnp.zeros((0, N), x_MK.dtype)
@@ -76,7 +80,8 @@ def grouped_matmul_tiled(x_MK, w_GKN, sizes_G, *, tile_rows: int | None = None):
         t, out = carry
         g, first, valid = g_T[t], first_T[t], valid_T[t]
         xt = lax.dynamic_slice_in_dim(x_pad, first, tm)
-        yt = jnp.dot(xt, w_GKN[g], preferred_element_type=jnp.float32)
+        wt = w_GKN[g] if layer is None else w_GKN[layer, g]  # one expert's [K, N], read where it lies
+        yt = jnp.dot(xt, wt, preferred_element_type=jnp.float32)
         yt = jnp.where((rows < valid)[:, None], yt, 0.0)  # rows of the next group: added as 0
         cur = lax.dynamic_slice_in_dim(out, first, tm)
         return t + 1, lax.dynamic_update_slice_in_dim(out, cur + yt, first, 0)
@@ -86,12 +91,14 @@ def grouped_matmul_tiled(x_MK, w_GKN, sizes_G, *, tile_rows: int | None = None):
     return out[:M].astype(x_MK.dtype)
 
 
-def grouped_matmul(x_MK, w_GKN, sizes_G, *, impl: str | None = None, tile_rows: int | None = None):
-    """x_MK rows sorted by group times their group's w_GKN[g] -> [M, N] (see the module docstring)."""
+def grouped_matmul(x_MK, w_GKN, sizes_G, *, layer=None, impl: str | None = None, tile_rows: int | None = None):
+    """x_MK rows sorted by group times their group's w_GKN[g] (w_GKN[layer, g] for a stacked [L, G, K, N]
+    weight) -> [M, N] (see the module docstring)."""
     impl = impl or default_impl()
     if impl == "tiled":
-        return grouped_matmul_tiled(x_MK, w_GKN, sizes_G, tile_rows=tile_rows)
+        return grouped_matmul_tiled(x_MK, w_GKN, sizes_G, tile_rows=tile_rows, layer=layer)
     if impl == "ragged_dot":
+        w_GKN = w_GKN if layer is None else w_GKN[layer]
         return lax.ragged_dot(x_MK, w_GKN, sizes_G.astype(jnp.int32),
                               preferred_element_type=jnp.float32).astype(x_MK.dtype)
     raise ValueError(f"grouped_matmul impl {impl!r}: expected one of {IMPLS}")
