@@ -260,7 +260,7 @@ def from_hf(hf: dict) -> ModelConfig:
         scalars = dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
                        residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
                        logits_scaling=float(hf.get("logits_scaling", 1.0)))
-        scale = float(hf.get("attention_multiplier", 1.0 / math.sqrt(head_dim)))
+        scale = float(hf.get("attention_multiplier", 1.0))  # transformers GraniteMoeHybridConfig default
     else:
         attn = set(hf.get("attn_layer_indices") or [])
         layer_types = ["attention" if i in attn else "mamba" for i in range(int(hf["num_hidden_layers"]))]
