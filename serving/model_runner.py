@@ -41,6 +41,7 @@ class ModelRunner:
     def __init__(self, cfg, params, caches, *, max_num_seqs: int, max_prefill_tokens: int, max_prefill_rows: int,
                  table_width: int):
         self.cfg, self.params, self.caches = cfg, params, caches
+        self.block_size = caches.block_size
         self.max_rows = pow_bucket(max_num_seqs, 2, 1 << 30, 2)
         self.max_prefill_tokens = pow_bucket(max_prefill_tokens, PREFILL_TOKENS_MIN, 1 << 30, 4)
         self.prefill_rows = max(1, min(max_prefill_rows, max_num_seqs))
@@ -90,14 +91,17 @@ class ModelRunner:
             sp = r.sp
             fields[i] = (s, e - s, r.pending.slot, sp.top_k, _seed(r), len(r.generated) + r.inflight, srcs[i])
             floats[i] = (sp.temperature, sp.top_p, sp.min_p)
-            table[i, :len(r.pending.blocks)] = r.pending.blocks
+            n = min(len(r.pending.blocks), width)
+            table[i, :n] = r.pending.blocks[:n]
         return pack_rows(tokens, stop, fields, table), floats
 
     def prefill(self, reqs, spans):
         """Dispatch one chunked-prefill step: reqs[i] computes its tokens spans[i] = (start, end)."""
         rows = self.prefill_rows_for(len(reqs))
         T = self.tokens(max(e - s for s, e in spans))
-        width = self.width(max(len(r.pending.blocks) for r in reqs))
+        # attention reads positions < end only: the table needs no block past the chunk (the request holds
+        # blocks for its whole prompt, so early chunks of a long prompt stay cheap)
+        width = self.width(max(-(-e // self.block_size) for _, e in spans))
         ints, floats = self._pack(rows, reqs, T, width, spans, [-1] * len(reqs), [()] * len(reqs))
         out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, T=T)
         return out
