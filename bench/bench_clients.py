@@ -82,9 +82,10 @@ def run(args) -> list[dict]:
     return rows
 
 
-def _markdown(rows, device, cmd) -> str:
+def _markdown(rows, device, cmd, load) -> str:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     lines = [f"# Mixed clients against the cache modes ({device})", "", f"Command: `{cmd}`", "",
+             f"Machine load (1-minute load average) before and after: {load}.", "",
              "Share of prompt tokens served from the cache / median TTFT (ms) of the measured turns.", "",
              "| client | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for kind in dict.fromkeys(r["client"] for r in rows):
@@ -99,14 +100,16 @@ def main(argv=None):
     p.add_argument("--conversations", type=int, default=4, help="conversations per client kind and mode")
     p.add_argument("--name", default=None, help="write docs/benchmarks/NAME.json and NAME.md")
     args = p.parse_args(argv)
+    load0 = os.getloadavg()[0]
     rows = run(args)
+    load = f"{load0:.2f} / {os.getloadavg()[0]:.2f}"
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} cores)"
     if args.name:
         cmd = "python -m bench.bench_clients " + " ".join(argv if argv is not None else os.sys.argv[1:])
         with open(os.path.join(OUT_DIR, args.name + ".json"), "w") as f:
-            json.dump({"device": device, "rows": rows}, f, indent=1)
+            json.dump({"device": device, "load": load, "rows": rows}, f, indent=1)
         with open(os.path.join(OUT_DIR, args.name + ".md"), "w") as f:
-            f.write(_markdown(rows, device, cmd))
+            f.write(_markdown(rows, device, cmd, load))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ def bench_compile(args) -> list[dict]:
 
 
 def _markdown(res: dict, cmd: str) -> str:
-    lines = [f"# Engine at scale ({res['device']})", "", f"Command: `{cmd}`", ""]
+    lines = [f"# Engine at scale ({res['device']})", "", f"Command: `{cmd}`", "",
+             f"Machine load (1-minute load average) before and after the run: {res['load']}. On a shared 2-core "
+             "machine single timings move by tens of percent: read the trends.", ""]
     if "pool" in res:
         lines += ["## Step time against pool size (ms, median)", "", "| step | batch | " +
                   " | ".join(f"{p} slots" for p in sorted({r['pool'] for r in res['pool']})) + " |",
@@ -222,10 +224,12 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=256)
     args = p.parse_args(argv)
     res = {"device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} cores)"}
+    load0 = os.getloadavg()[0]
     for what, fn in (("pool", bench_pool), ("overhead", bench_overhead), ("itl", bench_itl),
                      ("compile", bench_compile)):
         if args.what in ("all", what):
             res[what] = fn(args)
+    res["load"] = f"{load0:.2f} / {os.getloadavg()[0]:.2f}"
     if args.name:
         cmd = "python -m bench.bench_engine_scale " + " ".join(argv if argv is not None else os.sys.argv[1:])
         with open(os.path.join(OUT_DIR, args.name + ".json"), "w") as f:
