@@ -1,8 +1,11 @@
 """notebooks/quickstart.ipynb executes top to bottom without error (nbclient, kernel python3).
 
 The kernel inherits this process's environment (the JAX persistent compilation cache and XLA flags of conftest),
-and QUICKSTART_PLOT_PATH sends the TTFT plot to a temporary file instead of docs/ttft_tiny_cpu.png. The kernel
-spec `python3` must exist (`python -m ipykernel install --user` registers it where ipykernel's own is missing).
+and QUICKSTART_PLOT_PATH sends the TTFT plot to this test's temporary directory. The kernel spec `python3` must
+exist (`python -m ipykernel install --user` registers it where ipykernel's own is missing).
+
+The notebook is committed with its outputs, so a reader sees the results without running it; a second test checks
+that they are there.
 """
 from __future__ import annotations
 
@@ -46,3 +49,14 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert images >= 1  # the plot is shown inline
     print(f"notebook executed in {wall:.1f} s")
+
+
+def test_quickstart_notebook_is_committed_with_its_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.get("outputs") for c in code), "run the notebook and save it with its outputs"
+    assert all(c.get("execution_count") for c in code)
+    outputs = [o for c in code for o in c.outputs]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot
