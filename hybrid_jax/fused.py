@@ -4,6 +4,8 @@ host arrays.
 Inputs per row, built as numpy by the host in one pass (`pack_rows`):
   ints   [B, T + NUM_STOP + len(INT_FIELDS) + W] int32: tokens [T] | stop ids [NUM_STOP] (-1 pad) | fields | table [W]
   floats [B, len(FLOAT_FIELDS)] float32
+  adjust LogitAdjust (masks [B, 2, ceil(V/32)] int32, bias [B, V] f32): grammar masks, biases and penalties; a
+         batch without any passes device-resident neutral arrays (`neutral_adjust`), so nothing is transferred
 Decode (T == 1) may take a row's input token from the previous decode step's output still on the device
 (`src` >= 0 indexes it), so the host dispatches step N+1 before reading step N's tokens. Such a token that is
 one of the row's stop ids is not fed: the row runs with length 0 and its state stays at the stop (the turn's
@@ -23,11 +25,11 @@ from flax import struct
 
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model import SpanBatch, _logits, _run_span
-from hybrid_jax.sampling import SamplingBatch, sample_tokens
+from hybrid_jax.sampling import LogitAdjust, SamplingBatch, mask_words, sample_tokens
 
 NUM_STOP = 8
 INT_FIELDS = ("start", "length", "slot", "top_k", "seed", "step", "src")
-FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition")
 
 
 @struct.dataclass
@@ -51,39 +53,49 @@ def _unpack(ints, floats, T: int):
     table = ints[:, T + NUM_STOP + F:]
     fl = {name: floats[:, i] for i, name in enumerate(FLOAT_FIELDS)}
     sb = SamplingBatch(temperature=fl["temperature"], top_k=f["top_k"], top_p=fl["top_p"], min_p=fl["min_p"],
-                       seed=jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), step=f["step"])
+                       seed=jax.lax.bitcast_convert_type(f["seed"], jnp.uint32), step=f["step"],
+                       repetition=fl["repetition"])
     batch = SpanBatch(tokens=tokens, start=f["start"], length=f["length"], slot=f["slot"], block_table=table)
     return batch, sb, stops, f["src"]
 
 
-def _sampled(params, h_BD, sb, cfg, rows_out):
-    tok, lp, top_ids, top_lp = sample_tokens(_logits(params, h_BD, cfg), sb)
+def neutral_adjust(rows: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, bias) of a batch whose rows change nothing: every token allowed, none seen, no bias."""
+    masks = np.zeros((rows, 2, mask_words(vocab_size)), np.int32)
+    masks[:, 0] = -1
+    return masks, np.zeros((rows, vocab_size), np.float32)
+
+
+def _sampled(params, h_BD, sb, adj, cfg, rows_out):
+    tok, lp, top_ids, top_lp = sample_tokens(_logits(params, h_BD, cfg), sb, adj)
     return Sampled(jnp.zeros((rows_out,), jnp.int32).at[:tok.shape[0]].set(tok), lp, top_ids, top_lp)
 
 
-def _prefill_step(params, cache, ints, floats, *, cfg, T, rows_out):
+def _prefill_step(params, cache, ints, floats, masks, bias, *, cfg, T, rows_out):
     batch, sb, _, _ = _unpack(ints, floats, T)
     h, cache = _run_span(params, cache, batch, cfg, decode=False)
     last = jnp.maximum(batch.length - 1, 0)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-    return _sampled(params, h_last, sb, cfg, rows_out), cache
+    return _sampled(params, h_last, sb, LogitAdjust(masks, bias), cfg, rows_out), cache
 
 
-def _decode_step(params, cache, ints, floats, prev_token, *, cfg, rows_out):
+def _decode_step(params, cache, ints, floats, masks, bias, prev_token, *, cfg, rows_out):
     batch, sb, stops, src = _unpack(ints, floats, 1)
     from_prev = src >= 0
     tok = jnp.where(from_prev, prev_token[jnp.clip(src, 0, prev_token.shape[0] - 1)], batch.tokens[:, 0])
     stopped = from_prev & jnp.any(tok[:, None] == stops, axis=1)
     batch = batch.replace(tokens=tok[:, None], length=jnp.where(stopped, 0, batch.length))
     h, cache = _run_span(params, cache, batch, cfg, decode=True)
-    return _sampled(params, h[:, 0], sb, cfg, rows_out), cache
+    return _sampled(params, h[:, 0], sb, LogitAdjust(masks, bias), cfg, rows_out), cache
 
 
 @functools.lru_cache(maxsize=None)
 def make_serving_steps(cfg: ModelConfig, rows_out: int):
-    """(prefill(params, cache, ints, floats, *, T), decode(params, cache, ints, floats, prev_token)).
+    """(prefill(params, cache, ints, floats, masks, bias, *, T), decode(params, cache, ints, floats, masks, bias,
+    prev_token)).
 
-    Both are jitted and donate `cache`; T is static (the chunk bucket); prev_token is [rows_out] int32.
+    Both are jitted and donate `cache` (argument 1) only; T is static (the chunk bucket); masks and bias are the
+    rows' LogitAdjust; prev_token is [rows_out] int32.
     """
     prefill = jax.jit(functools.partial(_prefill_step, cfg=cfg, rows_out=rows_out), static_argnames="T",
                       donate_argnums=1)

@@ -16,6 +16,8 @@ import signal
 import sys
 import time
 
+from serving.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+
 
 def _memory(v: str) -> str | int:
     v = v.strip()
@@ -103,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
                    help="chat template replacing the model's: a jinja file or the template itself (default: the "
                         "checkpoint's own)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="sampling defaults for fields a request leaves out: 'auto' reads the checkpoint's "
+                        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+                        "max_new_tokens), 'vllm' uses the server's own, DIR reads DIR/generation_config.json "
+                        "(default: auto)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="format of the model's tool calls, read into message.tool_calls (default: the one the chat "
+                        "template uses, if recognised; tools are refused without one)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think>...</think> reasoning into message.reasoning_content (default: none)")
     p.add_argument("--served-model-name", default=None,
                    help="model name reported by /v1/models and in responses (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),
@@ -176,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         max_prefill_tokens=args.max_prefill_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
         host_cache_memory=args.host_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype, served_model_name=args.served_model_name,
-        chat_template=args.chat_template, conversation_ttl=args.conversation_ttl,
+        chat_template=args.chat_template, generation_config=args.generation_config,
+        conversation_ttl=args.conversation_ttl,
         max_conversations=args.max_conversations).items() if v is not None}
     metrics = Metrics()
     t0 = time.perf_counter()
@@ -215,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics,
                      responses_store=responses, request_body_timeout=args.request_body_timeout,
-                     require_cache_salt=args.require_cache_salt)
+                     require_cache_salt=args.require_cache_salt, tool_call_parser=args.tool_call_parser,
+                     reasoning_parser=args.reasoning_parser)
     name = args.served_model_name or engine.model_name
 
     class Server(uvicorn.Server):

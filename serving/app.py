@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from serving.api import admin, chat, completions, conversations, responses
 from serving.api.common import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard, ServerContext,
                                 __version__, install_error_handlers, install_log_redaction)
+from serving.chat_output import OutputConfig
 from serving.metrics import Metrics
 from serving.protocol import openai_error
 from serving.responses_store import DEFAULT_MAX_STORED_RESPONSES, ResponsesStore
@@ -39,13 +40,17 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics: Metrics | None = None,
                responses_store: ResponsesStore | None = None,
                max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
-               request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT, require_cache_salt: bool = False) -> FastAPI:
+               request_body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT, require_cache_salt: bool = False,
+               tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """The OpenAI-compatible server of `engine` (see the module docstring). `responses_store` holds the stored
     responses (a new one of `max_stored_responses` when None; pass one to save and load it across restarts).
     `request_body_timeout`: seconds to receive a request body (408 after); `require_cache_salt`: refuse requests
-    that carry a conversation_id or previous_response_id without a cache_salt (docs/server.md)."""
+    that carry a conversation_id or previous_response_id without a cache_salt (docs/server.md);
+    `tool_call_parser` / `reasoning_parser`: how chat outputs are read (serving/parsers; the tool-call format
+    defaults to the chat template's)."""
+    output = OutputConfig.create(tool_call_parser, reasoning_parser, getattr(engine.tokenizer, "chat_template", None))
     ctx = ServerContext(engine, served_model_name=served_model_name, metrics=metrics,
-                        require_cache_salt=require_cache_salt)
+                        require_cache_salt=require_cache_salt, output=output)
     install_log_redaction()
     store = responses_store if responses_store is not None else ResponsesStore(max_stored_responses)
 

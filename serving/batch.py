@@ -54,6 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from serving import openai_format, protocol
+from serving.chat_output import ChoiceOutput, OutputConfig, choice, plan_chat
+from serving.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 
 log = logging.getLogger("serving.batch")
 
@@ -234,8 +236,9 @@ class BatchRunner:
     """Runs parsed lines against one engine and appends records to an output file."""
 
     def __init__(self, engine, out_file, *, concurrency: int, served_model_name: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, output: OutputConfig | None = None):
         self.engine = engine
+        self.output = output or OutputConfig()
         self.out = out_file
         self.concurrency = max(1, int(concurrency))
         self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"
@@ -247,6 +250,17 @@ class BatchRunner:
         self.active: set = set()
         self.stats = dict(requests=0, skipped=0, succeeded=0, errors=0, prompt_tokens=0, cached_tokens=0,
                           completion_tokens=0)
+
+    def _drain(self, handle):
+        with self.write_lock:
+            self.active.add(handle)
+        try:
+            for delta in handle:
+                self._progress.tokens(len(delta.token_ids))
+            return handle.result()
+        finally:
+            with self.write_lock:
+                self.active.discard(handle)
 
     # ------------------------------------------------------------------ output
     def _write(self, rec: dict):
@@ -297,34 +311,29 @@ class BatchRunner:
             return self._api_error(item, status=404, param="model", code="model_not_found",
                                    message=f"the model {req.model!r} does not exist; this server serves "
                                            f"{self.model_name!r}")
-        messages = [m.to_engine() for m in req.messages]
-        if history:
-            messages = _with_history(history, messages)
-        sampling = req.sampling(req.max_completion_tokens or req.max_tokens)
-        if req.logprobs:
-            sampling.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
-        created = int(time.time())
         try:
-            handle = self._submit(self.engine.chat_stream, messages, conversation_id=req.conversation_id,
-                                  cache_salt=req.cache_salt, **sampling)
+            plan = plan_chat(req, self.output)
         except Exception as e:
             return self._from_exception(item, e)
-        with self.write_lock:
-            self.active.add(handle)
+        messages = _with_history(history, plan.messages) if history else plan.messages
+        created = int(time.time())
         try:
-            for delta in handle:
-                self._progress.tokens(len(delta.token_ids))
-            result = handle.result()
-        finally:
-            with self.write_lock:
-                self.active.discard(handle)
-        if result.finish_reason == "error":
-            return self._api_error(item, status=500, code="generation_error",
-                                   message=f"generation failed: {result.error or 'engine error'}")
-        if result.finish_reason == "abort":
-            return self._api_error(item, status=503, code="aborted", message="the request was aborted")
-        logprobs = {"content": self.lp_fmt.chat(result.logprobs or [])} if req.logprobs else None
-        body = openai_format.chat_completion(result, model=self.model_name, created=created, logprobs=logprobs)
+            handles = self._submit(self.engine.chat_streams, messages, plan.n, conversation_id=req.conversation_id,
+                                   cache_salt=req.cache_salt, template_kwargs=plan.template_kwargs, **plan.sampling)
+        except Exception as e:
+            return self._from_exception(item, e)
+        results = [self._drain(h) for h in handles]
+        for result in results:
+            if result.finish_reason == "error":
+                return self._api_error(item, status=500, code="generation_error",
+                                       message=f"generation failed: {result.error or 'engine error'}")
+            if result.finish_reason == "abort":
+                return self._api_error(item, status=503, code="aborted", message="the request was aborted")
+        choices = [choice(ChoiceOutput(plan, h.prompt_tail(), i), res,
+                          {"content": self.lp_fmt.chat(res.logprobs or [])} if req.logprobs else None)
+                   for i, (h, res) in enumerate(zip(handles, results))]
+        body = openai_format.chat_completion(choices, results, model=self.model_name, created=created)
+        handle = handles[0]
         return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": item.custom_id,
                 "response": {"status_code": 200, "request_id": handle.request_id, "body": body}, "error": None}
 
@@ -425,7 +434,8 @@ def _extend_history(history: list[dict], item: _Line, prev: dict, runner: BatchR
 
 
 def run_batch(input_path: str, output_path: str, engine, *, concurrency: int | None = None,
-              served_model_name: str | None = None, progress: bool = True) -> dict:
+              served_model_name: str | None = None, progress: bool = True,
+              output: OutputConfig | None = None) -> dict:
     """Run the requests of `input_path` on `engine`, appending to `output_path`; returns the summary dict."""
     done, done_lines = read_done(output_path)
     with open(input_path, encoding="utf-8", errors="replace") as f:
@@ -435,7 +445,7 @@ def run_batch(input_path: str, output_path: str, engine, *, concurrency: int | N
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with open(output_path, "a", encoding="utf-8") as out:
         runner = BatchRunner(engine, out, concurrency=concurrency, served_model_name=served_model_name,
-                             progress=progress)
+                             progress=progress, output=output)
         return runner.run(items)
 
 
@@ -487,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="model name in the responses, and the one request bodies may name (default: the "
                         "checkpoint directory's name; hybrid-tiny-default for the embedded model)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="format of the model's tool calls, read into message.tool_calls (default: the chat "
+                        "template's, if recognised)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think>...</think> reasoning into message.reasoning_content (default: none)")
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="conversations run at once (default: --max-num-seqs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -518,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot load the model: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     try:
+        output = OutputConfig.create(args.tool_call_parser, args.reasoning_parser, engine.tokenizer.chat_template)
         summary = run_batch(args.input, args.output, engine, concurrency=args.concurrency,
-                            served_model_name=args.served_model_name, progress=not args.no_progress)
+                            served_model_name=args.served_model_name, progress=not args.no_progress, output=output)
     finally:
         engine.shutdown()
     print(format_summary(summary), flush=True)

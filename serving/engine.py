@@ -12,6 +12,8 @@ their prompt, and finishes requests (commit on success, release on failure or ab
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -28,12 +30,14 @@ from hybrid_jax import ledger as L
 from hybrid_jax.memory import device_memory_bytes, param_bytes, parse_bytes, plan_cache
 from hybrid_jax.sharding import shard_model
 from hybrid_jax.stack import stack_layers
+from serving.adjust import AdjustBuilder
 from serving.cache_manager import MISS_CAUSES, CacheManager
 from serving.conversations import ConversationLedger
 from serving.errors import BadRequest, Overloaded, PromptTooLong
 from serving.model_runner import ModelRunner
 from serving.output_processor import OutputProcessor
-from serving.request import ChatResult, Request, SamplingParams, StreamDelta, TokenLogprob
+from serving.request import (MAX_N, ChatResult, Request, SamplingParams, StreamDelta, TokenLogprob,
+                             generation_defaults)
 from serving.scheduler import NeedSync, Scheduler
 from serving.tokenizer import IncrementalDecoder, load_tokenizer
 from serving.turns import chat_request, conversation_key, conversation_request, validate_messages, validate_salt
@@ -57,6 +61,10 @@ class RequestHandle:
     def prompt_tokens(self) -> int:
         return len(self._req.prompt_ids)
 
+    def prompt_tail(self, n: int = 16) -> str:
+        """The last n prompt tokens as text, special tokens included (does the prompt open a <think> block?)."""
+        return self._engine.tokenizer.decode(self._req.prompt_ids[-n:], skip_special_tokens=False)
+
     @property
     def cached_tokens(self) -> int:
         self._req.admitted.wait()
@@ -79,10 +87,12 @@ class RequestHandle:
         self._req.aborted = True
         self.settle(False)
 
-    def settle(self, delivered: bool) -> None:
+    def settle(self, delivered: bool, seen: dict | None = None) -> None:
         """Two-phase requests (two_phase=True): commit the finished turn once its answer was delivered, or
-        discard it. Idempotent; a no-op for other requests and after the first call."""
-        self._engine._inbox.put(("settle", self._req, bool(delivered)))
+        discard it. seen: the assistant message as the client received it (parsed tool calls, reasoning), which
+        the conversation then recognises when the client resends its history. Idempotent; a no-op for other
+        requests and after the first call."""
+        self._engine._inbox.put(("settle", self._req, bool(delivered), seen))
 
 
 def default_batched_tokens() -> int:
@@ -134,9 +144,11 @@ class Engine:
         self.conversations = ConversationLedger()
         self.output = OutputProcessor(tokenizer, set(tokenizer.eos_token_ids) | set(cfg.eos_token_ids),
                                       self.max_model_len)
+        adjust = AdjustBuilder(cfg.vocab_size, self.output.stop_ids,
+                               lambda matchers, allowed, rows: self.grammar.fill(matchers, allowed, rows))
         self.runner = ModelRunner(cfg, params, self.caches, max_num_seqs=self.max_num_seqs,
                                   max_prefill_tokens=max_prefill_tokens, max_prefill_rows=max_prefill_rows,
-                                  table_width=table_width)
+                                  table_width=table_width, adjust=adjust)
         self.scheduler = Scheduler(self.caches, self.output, max_num_seqs=self.max_num_seqs,
                                    max_prefill_tokens=self.runner.max_prefill_tokens,
                                    max_prefill_rows=self.runner.prefill_rows,
@@ -151,6 +163,7 @@ class Engine:
         self.conversation_ttl, self.max_conversations = conversation_ttl or None, max_conversations or None
         self._next_sweep = 0.0
         self.delivery_timeout = float(delivery_timeout)
+        self.sampling_defaults: dict = {}  # fields a request leaves out (from_pretrained's generation_config)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -158,9 +171,10 @@ class Engine:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, dtype: str = "auto", served_model_name=None,
-                        chat_template: str | None = None, **kw):
+                        chat_template: str | None = None, generation_config: str | None = "auto", **kw):
         """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models); chat_template (a
-        jinja file or the template itself) replaces the checkpoint's."""
+        jinja file or the template itself) replaces the checkpoint's; generation_config ("auto": the
+        checkpoint's generation_config.json, "vllm": none, or a directory) gives the sampling defaults."""
         model_dir = path or DEFAULT_MODEL_DIR
         tp = int(kw.get("tensor_parallel_size", 1))  # > 1: read to the host, sharded in __init__
         cfg, params = hybrid_jax.load_pretrained(model_dir, dtype=dtype, stacked=True, on_host=tp > 1)
@@ -168,8 +182,12 @@ class Engine:
         if chat_template is not None:  # a jinja file or the template itself
             tok.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
         name = served_model_name or (os.path.basename(os.path.normpath(path)) if path else "hybrid-tiny-default")
+        defaults = generation_defaults(generation_config, model_dir)
         engine = cls(cfg, params, tok, model_name=name, **kw)
         engine.model_dir = model_dir  # what the saved-state fingerprint hashes
+        engine.sampling_defaults = defaults
+        if defaults:
+            log.info("sampling defaults from generation_config.json: %s", defaults)
         return engine
 
     # the device state, for persistence (serving/persist.py) and tests
@@ -201,16 +219,25 @@ class Engine:
                     **sampling) -> RequestHandle:
         """Submit a chat turn. With two_phase=True the finished turn is committed only when the caller settles
         it (handle.settle(True), once the answer was delivered); otherwise it commits when it finishes."""
-        sp = SamplingParams.create(**sampling)
+        return self.chat_streams(messages, 1, conversation_id, cache_salt, two_phase, **sampling)[0]
+
+    def chat_streams(self, messages, n: int, conversation_id=None, cache_salt=None, two_phase=False,
+                     template_kwargs: dict | None = None, **sampling) -> list[RequestHandle]:
+        """Submit a chat turn with n choices: the prompt is computed once and its state forked n ways (choice i
+        samples with seed + i when a seed is given). Choice 0 is the conversation's turn; the others are kept as
+        anonymous checkpoints of the same salt. template_kwargs reach the chat template (tools,
+        enable_thinking, ...)."""
+        sp = SamplingParams.create(**(self.sampling_defaults | sampling))
         msgs = validate_messages(messages)
+        render = dict(template_kwargs or {})
         if conversation_id is None:
-            return self._submit(chat_request(self.tokenizer, self._rid("chatcmpl"), msgs, sp,
-                                             validate_salt(cache_salt)), two_phase)
+            req = chat_request(self.tokenizer, self._rid("chatcmpl"), msgs, sp, validate_salt(cache_salt), render)
+            return self._submit(req, two_phase, n)
         key = conversation_key(conversation_id, cache_salt)
         conv = self.conversations.lease(key)
         try:
-            req = conversation_request(self.tokenizer, self._rid("chatcmpl"), key, conv, msgs, sp)
-            return self._submit(req, two_phase)
+            req = conversation_request(self.tokenizer, self._rid("chatcmpl"), key, conv, msgs, sp, render)
+            return self._submit(req, two_phase, n)
         except BaseException:
             self.conversations.finish(key, ok=False)
             raise
@@ -222,7 +249,27 @@ class Engine:
                         **sampling) -> RequestHandle:
         """Raw completion. With a conversation_id, prompt continues the conversation's committed tokens
         (no chat template): the turn computes only the new tokens."""
-        sp = SamplingParams.create(**sampling)
+        return self.complete_streams(prompt, 1, conversation_id, cache_salt, two_phase, **sampling)[0]
+
+    def complete_streams(self, prompt, n: int, conversation_id=None, cache_salt=None, two_phase=False,
+                         **sampling) -> list[RequestHandle]:
+        """complete_stream with n choices over one computation of the prompt (as chat_streams)."""
+        sp = SamplingParams.create(**(self.sampling_defaults | sampling))
+        ids = self._prompt_ids(prompt)
+        if conversation_id is None:
+            return self._submit(Request(self._rid("cmpl"), ids, sp, salt=validate_salt(cache_salt)), two_phase, n)
+        key = conversation_key(conversation_id, cache_salt)
+        conv = self.conversations.lease(key)
+        try:
+            prior = conv.ids if conv is not None else []
+            msgs = conv.messages if conv is not None else []
+            return self._submit(Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, salt=key[0],
+                                        new_messages=msgs, raw_turn=True), two_phase, n)
+        except BaseException:
+            self.conversations.finish(key, ok=False)
+            raise
+
+    def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
@@ -234,19 +281,7 @@ class Engine:
             raise BadRequest("prompt must be a string or a list of token ids", param="prompt")
         if not ids:
             raise BadRequest("prompt is empty", param="prompt")
-        if conversation_id is None:
-            return self._submit(Request(self._rid("cmpl"), ids, sp, salt=validate_salt(cache_salt)), two_phase)
-        key = conversation_key(conversation_id, cache_salt)
-        conv = self.conversations.lease(key)
-        try:
-            prior = conv.ids if conv is not None else []
-            msgs = conv.messages if conv is not None else []
-            return self._submit(Request(self._rid("cmpl"), list(prior) + ids, sp, key=key, salt=key[0],
-                                        new_messages=msgs,
-                                         raw_turn=True), two_phase)
-        except BaseException:
-            self.conversations.finish(key, ok=False)
-            raise
+        return ids
 
     def get_conversation(self, conversation_id, cache_salt=None) -> dict | None:
         key = conversation_key(conversation_id, cache_salt)
@@ -299,20 +334,50 @@ class Engine:
     def _rid(self, prefix):
         return f"{prefix}-{next(self._ids):08d}{os.getpid() % 10000:04d}"
 
-    def _submit(self, req: Request, two_phase: bool = False) -> RequestHandle:
-        n = len(req.prompt_ids)
-        if n >= self.max_model_len:
+    def _submit(self, req: Request, two_phase: bool = False, n: int = 1) -> list[RequestHandle]:
+        n_prompt = len(req.prompt_ids)
+        if n_prompt >= self.max_model_len:
             raise PromptTooLong(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
-                                f"has {n} tokens (room is needed for at least one generated token)",
+                                f"has {n_prompt} tokens (room is needed for at least one generated token)",
                                 param="messages")
-        if len(self.scheduler.waiting) + self._inbox.qsize() >= self.max_waiting:
+        if not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise BadRequest(f"n must be an integer in [1, {MAX_N}]", param="n")
+        if len(self.scheduler.waiting) + self._inbox.qsize() + n > self.max_waiting:
             raise Overloaded("too many waiting requests; retry later")
-        req.decoder = IncrementalDecoder(self.tokenizer)
-        req.two_phase = bool(two_phase)
-        if req.sp.logprobs:
-            req.logprobs = []
-        self._inbox.put(req)
-        return RequestHandle(self, req)
+        if any(t >= self.cfg.vocab_size for t, _ in req.sp.logit_bias):
+            raise BadRequest(f"logit_bias: token ids must be in [0, {self.cfg.vocab_size})", param="logit_bias")
+        reqs = [req] + [self._sibling(req, i) for i in range(1, n)]
+        if n > 1 and self.cache_mode == "exact" and n_prompt > 1:
+            req.boundaries = tuple(sorted(set(req.boundaries) | {n_prompt - 1}))  # the state the siblings fork
+        for r in reqs:
+            r.decoder = IncrementalDecoder(self.tokenizer)
+            r.two_phase = bool(two_phase)
+            if r.sp.logprobs:
+                r.logprobs = []
+            if r.sp.grammar is not None:
+                r.matcher = self._matcher(r.sp.grammar)
+        for r in reqs:
+            self._inbox.put(r)
+        return [RequestHandle(self, r) for r in reqs]
+
+    def _sibling(self, leader: Request, i: int) -> Request:
+        """Choice i of an n > 1 request: the leader's prompt under the leader's salt, admitted once the leader has
+        checkpointed the prompt's state (it then computes only the prompt's last token)."""
+        sp = leader.sp if leader.sp.seed is None else dataclasses.replace(leader.sp, seed=leader.sp.seed + i)
+        return Request(f"{leader.rid}-{i}", list(leader.prompt_ids), sp, salt=leader.salt, leader=leader)
+
+    def _matcher(self, spec):
+        from serving.grammar import GrammarError
+        try:
+            return self.grammar.matcher(spec)
+        except GrammarError as e:
+            raise BadRequest(f"the output constraint cannot be compiled: {e}", param="response_format") from None
+
+    @functools.cached_property
+    def grammar(self):
+        """The grammar engine (structured outputs), built on first use."""
+        from serving.grammar import GrammarCompiler
+        return GrammarCompiler(self.tokenizer, self.cfg.vocab_size, stop_token_ids=sorted(self.output.eos))
 
     # ---------------------------------------------------------------- loop
     def _wake(self):
@@ -339,7 +404,7 @@ class Engine:
             if isinstance(item, Request):
                 self.scheduler.waiting.append(item)
             elif isinstance(item, tuple) and item[0] == "settle":
-                self._settle_held(item[1], item[2])
+                self._settle_held(item[1], item[2], item[3])
             elif isinstance(item, tuple) and item[0] == "call":
                 _, fn, box, ev = item
                 try:
@@ -497,6 +562,8 @@ class Engine:
         r.t_last = now
         self._counters["generation_tokens"] += 1
         try:
+            if r.matcher is not None:
+                r.matcher.accept(t)
             reason = self.output.emit(r, t, lp, top_ids, top_lp)
         except Exception as e:  # one request's output failed (detokenization, ...): that request alone fails
             log.exception("request %s: output processing failed", r.rid)
@@ -539,7 +606,9 @@ class Engine:
         r.out.put(None)
         r.done.set()
 
-    def _settle_held(self, r: Request, delivered: bool):
+    def _settle_held(self, r: Request, delivered: bool, seen: dict | None = None):
+        if seen is not None:
+            r.seen_answer = validate_messages([seen])[0]
         if self._held.pop(r, None) is not None:
             self._settle(r, delivered)
         elif not r.done.is_set() and not delivered:
@@ -570,7 +639,7 @@ class Engine:
             body = self.output.committed_body(r)
             answer = self.tokenizer.decode(body, skip_special_tokens=False)
             msgs = list(r.new_messages) + [{"role": "assistant", "content": answer}]
-            seen = list(r.new_seen or r.new_messages) + [{"role": "assistant", "content": r.text}]
+            seen = list(r.new_seen or r.new_messages) + [r.seen_answer or {"role": "assistant", "content": r.text}]
             self.conversations.finish(r.key, True, msgs, list(r.prompt_ids) + list(body), seen)
         else:
             self.conversations.finish(r.key, False)

@@ -14,8 +14,9 @@ import time
 import jax
 import numpy as np
 
-from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, pack_rows
+from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, neutral_adjust, pack_rows
 from hybrid_jax.sharding import replicated_sharding
+from serving.adjust import AdjustBuilder
 
 log = logging.getLogger("serving.runner")
 PREFILL_TOKENS_MIN = 16
@@ -39,7 +40,7 @@ def _ladder(lo: int, cap: int, factor: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, cfg, params, caches, *, max_num_seqs: int, max_prefill_tokens: int, max_prefill_rows: int,
-                 table_width: int):
+                 table_width: int, adjust: AdjustBuilder):
         self.cfg, self.params, self.caches = cfg, params, caches
         self.block_size = caches.block_size
         self.max_rows = pow_bucket(max_num_seqs, 2, 1 << 30, 2)
@@ -48,7 +49,21 @@ class ModelRunner:
         self.table_width = table_width
         self._prefill, self._decode = make_serving_steps(cfg, self.max_rows)
         # where a decode step's own sampled tokens live (replicated over the mesh with tensor parallelism)
-        self._no_prev = jax.device_put(np.zeros(self.max_rows, np.int32), replicated_sharding(cfg))
+        self._replicated = replicated_sharding(cfg)
+        self._no_prev = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
+        self.adjust = adjust
+        self._neutral: dict[int, tuple] = {}  # rows -> device-resident neutral (masks, bias)
+
+    def _adjust(self, rows: int, reqs, steps) -> tuple:
+        """The step's (masks, bias): built on the host when a row changes its logits, else the neutral ones that
+        stay on the device."""
+        built = self.adjust.build(rows, reqs, steps) if reqs else None
+        if built is not None:  # placed as the neutral ones are, so the step's program is the same
+            return tuple(jax.device_put(a, self._replicated) for a in built)
+        if rows not in self._neutral:
+            self._neutral[rows] = tuple(jax.device_put(a, self._replicated)
+                                        for a in neutral_adjust(rows, self.cfg.vocab_size))
+        return self._neutral[rows]
 
     # ------------------------------------------------------------------ buckets
     def decode_rows(self, n: int) -> int:
@@ -82,7 +97,7 @@ class ModelRunner:
         fields[:, INT_FIELDS.index("src")] = -1
         table = np.zeros((rows, width), np.int32)
         floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
-        floats[:, 1] = 1.0  # top_p
+        floats[:, 1] = floats[:, 3] = 1.0  # top_p, repetition
         for i, r in enumerate(reqs):
             s, e = spans[i]
             tokens[i, :e - s] = r.tokens(s, e) if T > 1 or srcs[i] < 0 else 0
@@ -90,10 +105,11 @@ class ModelRunner:
             stop[i, :len(ids)] = ids
             sp = r.sp
             fields[i] = (s, e - s, r.pending.slot, sp.top_k, _seed(r), len(r.generated) + r.inflight, srcs[i])
-            floats[i] = (sp.temperature, sp.top_p, sp.min_p)
+            floats[i] = (sp.temperature, sp.top_p, sp.min_p, sp.repetition_penalty)
             n = min(len(r.pending.blocks), width)
             table[i, :n] = r.pending.blocks[:n]
-        return pack_rows(tokens, stop, fields, table), floats
+        adjust = self._adjust(rows, reqs, [len(r.generated) + r.inflight for r in reqs])
+        return pack_rows(tokens, stop, fields, table), floats, adjust
 
     def prefill(self, reqs, spans):
         """Dispatch one chunked-prefill step: reqs[i] computes its tokens spans[i] = (start, end)."""
@@ -102,8 +118,8 @@ class ModelRunner:
         # attention reads positions < end only: the table needs no block past the chunk (the request holds
         # blocks for its whole prompt, so early chunks of a long prompt stay cheap)
         width = self.width(max(-(-e // self.block_size) for _, e in spans))
-        ints, floats = self._pack(rows, reqs, T, width, spans, [-1] * len(reqs), [()] * len(reqs))
-        out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, T=T)
+        ints, floats, (masks, bias) = self._pack(rows, reqs, T, width, spans, [-1] * len(reqs), [()] * len(reqs))
+        out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
         return out
 
     def decode(self, reqs, srcs, stops, prev=None):
@@ -112,12 +128,12 @@ class ModelRunner:
         rows = self.decode_rows(len(reqs))
         width = self.width(max(len(r.pending.blocks) for r in reqs))
         spans = [(r.num_computed, r.num_computed + 1) for r in reqs]
-        ints, floats = self._pack(rows, reqs, 1, width, spans, srcs, stops)
+        ints, floats, (masks, bias) = self._pack(rows, reqs, 1, width, spans, srcs, stops)
         for i, r in enumerate(reqs):
             if srcs[i] < 0:
                 ints[i, 0] = r.generated[-1]
         prev_tok = prev.token if prev is not None else self._no_prev
-        out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, prev_tok)
+        out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, masks, bias, prev_tok)
         return out
 
     # ------------------------------------------------------------------ warm-up
@@ -130,10 +146,12 @@ class ModelRunner:
             ints = np.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + width), np.int32)
             ints[:, T + NUM_STOP + INT_FIELDS.index("src")] = -1
             floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
+            masks, bias = self._adjust(rows, [], [])
             if kind == "decode":
-                out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, self._no_prev)
+                out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, masks, bias,
+                                                      self._no_prev)
             else:
-                out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, T=T)
+                out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
             jax.block_until_ready(out.token)
             bar.update(1)
         bar.close()

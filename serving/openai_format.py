@@ -1,8 +1,8 @@
 """OpenAI wire objects built from engine results, shared by the server (`serving.app`) and the offline batch
 (`serving.batch`), so both answer with the same bodies.
 
-* `chat_completion(result, ...)`: the non-streamed `chat.completion` object of a `ChatResult`;
-* `usage(result)`: its `usage` block (with `prompt_tokens_details.cached_tokens`);
+* `chat_completion(choices, results, ...)`: the non-streamed `chat.completion` object;
+* `usage(result)`, `usage_of_choices(results)`: `usage` blocks (with `prompt_tokens_details.cached_tokens`);
 * `error_body(...)`: OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
 
 Only plain dicts, no web framework: importing this module is cheap.
@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-__all__ = ["ERROR_TYPES", "chat_completion", "completion_id", "error_body", "error_type", "usage"]
+__all__ = ["ERROR_TYPES", "chat_completion", "completion_id", "error_body", "error_type", "usage", "usage_of_choices"]
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
@@ -41,14 +41,19 @@ def usage(result) -> dict:
             "prompt_tokens_details": {"cached_tokens": int(result.cached_tokens)}}
 
 
-def chat_completion(result, *, model: str, request_id: str | None = None, created: int | None = None,
-                    logprobs: dict | None = None) -> dict[str, Any]:
-    """The `chat.completion` object for a finished ChatResult (one choice).
+def usage_of_choices(results) -> dict:
+    """The usage block of n choices over one prompt: the prompt (and its cached tokens) once, every choice's
+    completion tokens."""
+    first = results[0]
+    p, c = int(first.prompt_tokens), sum(int(r.completion_tokens) for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": int(first.cached_tokens)}}
 
-    `logprobs` is the already formatted choice logprobs (`{"content": [...]}`) or None when not requested.
-    """
+
+def chat_completion(choices: list[dict], results, *, model: str, request_id: str | None = None,
+                    created: int | None = None) -> dict[str, Any]:
+    """The `chat.completion` object: `choices` already formatted ({"index", "message", "logprobs",
+    "finish_reason"}), `results` their ChatResults (for the usage)."""
     return {"id": request_id or completion_id(), "object": "chat.completion",
             "created": int(time.time()) if created is None else int(created), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "logprobs": logprobs, "finish_reason": result.finish_reason}],
-            "usage": usage(result)}
+            "choices": choices, "usage": usage_of_choices(results)}

@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from hybrid_jax.sampling import NUM_TOP_LOGPROBS
 from serving import openai_format
 from serving.errors import EngineError
-from serving.request import INT32_MAX
+from serving.request import INT32_MAX, MAX_N
 from serving.turns import MAX_ID_LEN  # conversation_id, cache_salt, previous_response_id: 1..256 printable
 
 log = logging.getLogger("serving.protocol")
@@ -40,11 +40,13 @@ MAX_STOP_CHARS = 1024          # characters of one stop string
 MAX_STOP_TOKEN_IDS = 256       # stop_token_ids entries
 MAX_TOP_LOGPROBS = NUM_TOP_LOGPROBS  # alternatives per token the engine computes (hybrid_jax.sampling)
 MAX_TOKEN_IDS = 1 << 20        # token ids of a completion prompt or a /detokenize request
+MAX_TOOLS = 128                # tools of a request, tool calls of a message
+MAX_LOGIT_BIAS = 300           # logit_bias entries (OpenAI's bound)
 
 LIMITS = dict(int32_max=INT32_MAX, max_id_len=MAX_ID_LEN, max_messages=MAX_MESSAGES,
               max_content_parts=MAX_CONTENT_PARTS, max_stop=MAX_STOP, max_stop_chars=MAX_STOP_CHARS,
               max_stop_token_ids=MAX_STOP_TOKEN_IDS, max_top_logprobs=MAX_TOP_LOGPROBS,
-              max_token_ids=MAX_TOKEN_IDS)
+              max_token_ids=MAX_TOKEN_IDS, max_tools=MAX_TOOLS, max_logit_bias=MAX_LOGIT_BIAS, max_n=MAX_N)
 
 
 class APIError(Exception):
@@ -216,10 +218,24 @@ class TextPart(_Model):
     text: str
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str | dict[str, Any] = "{}"   # JSON text (OpenAI) or an object
+
+
+class ToolCallIn(_Model):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=MAX_TOOLS)] | None = None   # assistant
+    tool_call_id: str | None = None                                                      # tool
+    reasoning_content: str | None = None                                                 # assistant
 
     @model_validator(mode="after")
     def _content(self):
@@ -228,12 +244,12 @@ class ChatMessage(_Model):
         return self
 
     def to_engine(self) -> dict:
-        content: Any = self.content
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            content = "".join(p.text for p in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        """The message as the engine takes it (serving.turns.validate_messages gives it its one form)."""
+        out = self.model_dump(exclude_none=True, include={"role", "content", "name", "tool_calls", "tool_call_id",
+                                                          "reasoning_content"})
+        if isinstance(self.content, list):
+            out["content"] = "".join(p.text for p in self.content)
+        return out
 
 
 Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -243,7 +259,30 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+def _logit_bias(v: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+    if len(v) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+    vocab = _vocab(info) or INT32_MAX + 1
+    for k, b in v.items():
+        if not k.strip().isdigit() or int(k) >= vocab:
+            raise ValueError(f"key {k[:20]!r} is not a token id of this model (ids are in [0, {vocab}))")
+        if not -100.0 <= b <= 100.0:
+            raise ValueError(f"bias {b} of token {k} is not in [-100, 100]")
+    return v
+
+
+LogitBias = Annotated[dict[str, float], AfterValidator(_logit_bias)]
+
+# Fields of OpenAI's and vLLM's requests that change nothing in the output: accepted and dropped (docs/server.md).
+NOOP_FIELDS = frozenset({"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                         "prompt_cache_retention", "request_id", "priority", "user"})
+
+
 class _SamplingFields(_Request):
+    """Sampling fields shared by chat and completions. Unknown fields are refused (a 400 naming the field), never
+    dropped; NOOP_FIELDS change nothing in the output and are accepted."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     model: str | None = None
     max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -254,44 +293,97 @@ class _SamplingFields(_Request):
     stop: Stop | None = None
     stop_token_ids: StopTokenIds | None = None
     ignore_eos: bool = False
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: Any = None
-    user: str | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)     # vLLM's extra
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)           # vLLM's extra
+    logit_bias: LogitBias | None = None
 
-    @field_validator("n")
+    @model_validator(mode="before")
     @classmethod
-    def _n(cls, v):
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    def _noop(cls, data):
+        if isinstance(data, dict) and NOOP_FIELDS & data.keys():
+            data = {k: v for k, v in data.items() if k not in NOOP_FIELDS}
+        return data
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v):
-        if v:
-            raise ValueError("penalties are not supported (only 0)")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _logit_bias(cls, v):
-        if v is not None and v != {}:  # refused, never ignored: it would change the output
-            raise ValueError("logit_bias is not supported")
-        return v
+    @model_validator(mode="after")
+    def _min_tokens(self):
+        top = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if self.min_tokens and top and self.min_tokens > top:
+            raise field_error("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({top})")
+        return self
 
     def sampling(self, max_tokens: int | None) -> dict:
+        """The engine's sampling arguments; a field left out takes the server's default (--generation-config)."""
         kw = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                   min_p=self.min_p, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                  ignore_eos=self.ignore_eos or None)
+                  ignore_eos=self.ignore_eos or None, presence_penalty=self.presence_penalty,
+                  frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                  min_tokens=self.min_tokens, logit_bias=self.logit_bias or None)
         return {k: v for k, v in kw.items() if v is not None}
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class FunctionDef(_Model):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Model):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: _NamedFunction
+
+
+class JsonSchemaFormat(_Model):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type 'json_schema' needs a json_schema object")
+        return self
+
+
+class StructuredOutputs(_Model):
+    """vLLM's `structured_outputs` (its older `guided_*` fields map onto it): exactly one constraint."""
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1, max_length=4096)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -301,19 +393,60 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: TopLogprobs | None = None
     conversation_id: Id | None = None
     cache_salt: Id | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None      # accepted; a forced call (required, named) is one call when False
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None            # vLLM's: variables of the chat template
+    structured_outputs: StructuredOutputs | None = None           # vLLM's
+    guided_json: dict[str, Any] | str | None = None               # vLLM's older names of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _chat_checks(self):
         if self.top_logprobs and not self.logprobs:
             raise field_error("top_logprobs", "top_logprobs requires logprobs=true")
-        if self.tools:
-            raise field_error("tools", "tools are not supported")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise field_error("response_format", "only response_format type 'text' is supported")
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or []]
+        if choice not in (None, "none") and not names:
+            raise field_error("tool_choice", "tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise field_error("tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools")
+        if len(set(names)) != len(names):
+            raise field_error("tools", "tool names must be unique")
+        given = [k for k in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, k) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if self.tool_choice_mode in ("required", "named"):
+            given.append("tool_choice")
+        if len(given) > 1:
+            raise field_error(given[1], f"{' and '.join(given)} cannot be combined: give one constraint")
         return self
+
+    @property
+    def tool_choice_mode(self) -> str:
+        """none, auto, required or named (auto when tools are given without a choice, as OpenAI does)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def structured(self) -> StructuredOutputs | None:
+        """The output constraint other than a tool call, in vLLM's structured_outputs form."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if rf is not None and rf.type == "json_schema":
+            return StructuredOutputs(json=rf.json_schema.schema_ or {"type": "object"})
+        for field, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, field) is not None:
+                return StructuredOutputs(**{key: getattr(self, field)})
+        return None
 
 
 class CompletionRequest(_SamplingFields):
@@ -353,6 +486,8 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _completion_checks(self):
+        if self.n != 1:
+            raise field_error("n", "n > 1 is served by /v1/chat/completions only")
         if self.echo:
             raise field_error("echo", "echo is not supported")
         if self.suffix:
@@ -632,6 +767,8 @@ def validation_error(errors: list[dict]) -> APIError:
         msg, param = "the request body is not valid JSON", None
     elif first.get("type") == "missing":
         msg = f"missing required field: {param}"
+    elif first.get("type") == "extra_forbidden":
+        msg = f"{param}: unsupported field (fields this server does not implement are refused, not ignored)"
     elif first.get("type") == "invalid_field" or not param or msg.startswith(param):
         pass
     else:

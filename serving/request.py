@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import queue
 import threading
 import time
+from typing import Any
 
 from hybrid_jax import ledger as L
 from hybrid_jax.sampling import NUM_TOP_LOGPROBS
@@ -13,6 +16,7 @@ from serving.tokenizer import IncrementalDecoder
 
 
 INT32_MAX = 2 ** 31 - 1  # every integer the device steps take is int32
+MAX_N = 16               # choices of one request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +32,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0             # vLLM's: > 1 discourages tokens of the prompt and output
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    min_tokens: int = 0                         # stop tokens are barred before this many tokens
+    grammar: Any = None                         # serving.grammar.GrammarSpec the output must follow
 
     @classmethod
     def create(cls, **kw) -> "SamplingParams":
@@ -42,6 +52,7 @@ class SamplingParams:
             raise BadRequest("stop must be a non-empty string or a list of them", param="stop")
         kw["stop"] = tuple(stop)
         kw["stop_token_ids"] = tuple(int(t) for t in kw.get("stop_token_ids", ()) or ())
+        kw["logit_bias"] = _logit_bias(kw.get("logit_bias") or ())
         p = cls(**kw)
         checks = [(isinstance(p.max_tokens, int) and 1 <= p.max_tokens <= INT32_MAX,
                    f"max_tokens must be an integer in [1, {INT32_MAX}]"),
@@ -51,11 +62,50 @@ class SamplingParams:
                   (0.0 <= p.min_p <= 1.0, "min_p must be in [0, 1]"),
                   (0 <= p.top_logprobs <= NUM_TOP_LOGPROBS, f"top_logprobs must be in [0, {NUM_TOP_LOGPROBS}]"),
                   (all(0 <= t <= INT32_MAX for t in p.stop_token_ids),
-                   f"stop_token_ids must be token ids in [0, {INT32_MAX}]")]
+                   f"stop_token_ids must be token ids in [0, {INT32_MAX}]"),
+                  (-2.0 <= p.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+                  (-2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+                  (0.0 < p.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
+                  (all(0 <= t <= INT32_MAX and -100.0 <= b <= 100.0 for t, b in p.logit_bias),
+                   "logit_bias maps token ids to biases in [-100, 100]"),
+                  (isinstance(p.min_tokens, int) and 0 <= p.min_tokens <= p.max_tokens,
+                   "min_tokens must be an integer in [0, max_tokens]")]
         for ok, msg in checks:
             if not ok:
                 raise BadRequest(msg, param=msg.split()[0])
         return p
+
+
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(source: str | None, model_dir: str | None) -> dict:
+    """Sampling defaults of requests that leave a field out, as vLLM's --generation-config: "auto" reads the
+    checkpoint's generation_config.json, "vllm" (or None) uses the engine's own defaults, a directory reads the
+    generation_config.json in it. Only temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens
+    are taken."""
+    if source in (None, "vllm"):
+        return {}
+    path = os.path.join(model_dir if source == "auto" else source, "generation_config.json")
+    if not os.path.isfile(path):
+        if source != "auto":
+            raise FileNotFoundError(f"--generation-config {source}: no generation_config.json there")
+        return {}
+    with open(path) as f:
+        cfg = json.load(f)
+    out = {ours: cfg[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if cfg.get(theirs) is not None}
+    SamplingParams.create(**out)  # a checkpoint's bad default fails at start, not on every request
+    return out
+
+
+def _logit_bias(v) -> tuple[tuple[int, float], ...]:
+    """{token id (int or its decimal string): bias} or (id, bias) pairs -> sorted (id, bias) pairs."""
+    items = v.items() if isinstance(v, dict) else v
+    try:
+        return tuple(sorted((int(k), float(b)) for k, b in items))
+    except (TypeError, ValueError):
+        raise BadRequest("logit_bias must map token ids to numbers", param="logit_bias") from None
 
 
 @dataclasses.dataclass
@@ -107,6 +157,10 @@ class Request:
     raw: str = ""                             # decoded so far (may run past a stop string)
     logprobs: list[TokenLogprob] | None = None
     decoder: IncrementalDecoder | None = None
+    matcher: Any = None                       # the grammar's matcher (serving.grammar), when sp.grammar is set
+    prompt_bits: Any = None                   # the prompt's token bitmask (repetition penalty), built once
+    leader: "Request | None" = None           # n > 1: a sibling waits until its leader checkpointed the prompt
+    seen_answer: dict | None = None           # the answer as the client received it (settle), if it differs
     aborted: bool = False
     t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
     t_last: float = 0.0

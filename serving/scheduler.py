@@ -11,11 +11,18 @@ import numpy as np
 
 from hybrid_jax import ledger as L
 from hybrid_jax.fused import NUM_STOP
+from serving.adjust import needs_last_token
 from serving.cache_manager import OutOfCache
 from serving.request import Request
 
 
 MIN_CHUNK = 16
+
+
+def _leader_ready(r: Request) -> bool:
+    """Whether r may be admitted: not a sibling, or its leader's prompt state (all but the last token) exists."""
+    lead = r.leader
+    return lead is None or lead.done.is_set() or lead.num_computed >= len(lead.prompt_ids) - 1
 
 
 class NeedSync(Exception):
@@ -35,9 +42,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
     def admit(self, fail) -> None:
-        """Attach waiting requests in order while there is room; fail(req, msg) ends one that can never fit."""
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        """Attach waiting requests in order while there is room; fail(req, msg) ends one that can never fit. A
+        sibling of an n > 1 request waits (others pass it) until its leader has checkpointed the prompt."""
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_num_seqs:
+            req = self.waiting[i]
+            if not _leader_ready(req):
+                i += 1
+                continue
             try:
                 # A new request feeds its prompt; a preempted one also the generated tokens (the last by decode).
                 feed = req.fed_target + (1 if req.generated else 0)
@@ -46,10 +58,10 @@ class Scheduler:
             except OutOfCache as e:
                 if self.running:
                     return  # wait for running requests to free their state
-                self.waiting.pop(0)
+                self.waiting.pop(i)
                 fail(req, f"the cache pool is too small for this request: {e}")
                 continue
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             req.pending, req.num_computed = pending, pending.attached
             if req.preemptions == 0:
                 req.attached = pending.attached
@@ -64,7 +76,7 @@ class Scheduler:
 
     def can_run_ahead(self, r: Request) -> bool:
         """Whether r's next token may be fed from the device before the host has read it."""
-        return self.ahead and len(self.stop_list(r)) <= NUM_STOP
+        return self.ahead and len(self.stop_list(r)) <= NUM_STOP and not needs_last_token(r)
 
     def decode_rows(self, prev_rows: dict) -> list[tuple[Request, int]]:
         """(request, src) for the next decode step; src indexes the previous step's rows (prev_rows: request ->

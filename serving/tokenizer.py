@@ -123,8 +123,9 @@ def _normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str,
     """Copy messages the way transformers does before rendering.
 
     Keys whose value is None are dropped (OpenAI clients send ``content=None`` next to tool calls and
-    many templates only handle a missing key), and reasoning given under an alternative name is also
-    exposed as ``reasoning_content`` / ``thinking``.
+    many templates only handle a missing key), reasoning given under an alternative name is also
+    exposed as ``reasoning_content`` / ``thinking``, and tool calls' ``arguments`` given as JSON text (as
+    OpenAI sends them) become objects (as chat templates expect them).
     """
     out = []
     for message in messages:
@@ -134,8 +135,21 @@ def _normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str,
         reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
         if reasoning is not None:
             msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+        if isinstance(msg.get("tool_calls"), list):
+            msg["tool_calls"] = [_call_with_object_arguments(c) for c in msg["tool_calls"]]
         out.append(msg)
     return out
+
+
+def _call_with_object_arguments(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 def render_chat_template(

@@ -14,7 +14,7 @@ import hybrid_jax
 from hybrid_jax import ledger as L
 from hybrid_jax import offload
 from hybrid_jax.cache import init_cache
-from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps
+from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, neutral_adjust
 from hybrid_jax.model import SpanBatch, make_steps
 from hybrid_jax.stack import stack_layers
 from serving import Engine
@@ -58,10 +58,11 @@ def test_no_step_program_copies_a_pool(model, rows):
     for T in (1, 16):
         ints = jnp.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + 4), jnp.int32)
         floats = jnp.zeros((rows, len(FLOAT_FIELDS)), jnp.float32)
+        masks, bias = neutral_adjust(rows, cfg.vocab_size)
         if T == 1:
-            compiled = fdecode.lower(params, cache, ints, floats, jnp.zeros(8, jnp.int32)).compile()
+            compiled = fdecode.lower(params, cache, ints, floats, masks, bias, jnp.zeros(8, jnp.int32)).compile()
         else:
-            compiled = fprefill.lower(params, cache, ints, floats, T=T).compile()
+            compiled = fprefill.lower(params, cache, ints, floats, masks, bias, T=T).compile()
         assert _pool_copies(compiled, cache) == []
 
 
@@ -186,8 +187,8 @@ def test_a_failure_is_confined_to_its_request(tiny_model_dir, where):
         else:
             real = e.runner._prefill
 
-            def prefill(params, cache, ints, floats, **kw):
-                out = real(params, cache, ints, floats, **kw)  # consumes the donated cache, then fails
+            def prefill(params, cache, ints, floats, *adjust, **kw):
+                out = real(params, cache, ints, floats, *adjust, **kw)  # consumes the donated cache, then fails
                 if (ints[:, kw["T"] + NUM_STOP + INT_FIELDS.index("seed")] == 666).any():
                     raise RuntimeError("poisoned step")
                 return out

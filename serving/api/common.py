@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.chat_output import OutputConfig
 from serving.metrics import Metrics
 from serving.protocol import (APIError, LogprobFormatter, as_api_error, check_id, engine_vocab_size, openai_error,
                               parse_request, validation_error)
@@ -167,6 +168,7 @@ class Pump:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.settled = False
+        self.seen: dict | None = None
         self._checked = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="serving-stream", daemon=True)
         self._thread.start()
@@ -201,10 +203,11 @@ class Pump:
 
     def settle(self, delivered: bool):
         """Two-phase commit: the turn commits once its answer was handed to the transport, else it is
-        discarded (called once, by the response that carries the answer)."""
+        discarded (called once, by the response that carries the answer). `seen` (set by the route) is the
+        answer as the client received it."""
         if not self.settled:
             self.settled = True
-            self.handle.settle(delivered)
+            self.handle.settle(delivered, self.seen)
 
     def abort(self):
         if not self.finished:
@@ -213,6 +216,41 @@ class Pump:
                 self.handle.abort()
             except Exception:
                 log.exception("abort failed")
+
+
+class PumpGroup:
+    """The pumps of one request's n choices, aborted and settled together (a response holds one group)."""
+
+    def __init__(self, pumps: list[Pump]):
+        self.pumps = pumps
+
+    def abort(self):
+        for p in self.pumps:
+            p.abort()
+
+    def settle(self, delivered: bool):
+        for p in self.pumps:
+            p.settle(delivered)
+
+    async def merged(self, firsts: list):
+        """(choice index, kind, value) of every choice's events as they come, from their first events on; ends
+        when every choice is done or failed."""
+        ready = [(i, ev) for i, ev in enumerate(firsts)]
+        tasks: dict = {}
+        try:
+            while ready or tasks:
+                for i, ev in ready:
+                    kind, val = ev
+                    yield i, kind, val
+                    if kind == "delta":
+                        tasks[asyncio.ensure_future(self.pumps[i].next(None))] = i
+                ready = []
+                if tasks:
+                    done, _ = await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
+                    ready = [(tasks.pop(t), t.result()) for t in done]
+        finally:
+            for t in tasks:
+                t.cancel()
 
 
 async def call(fn: Callable, *args, **kwargs):
@@ -307,8 +345,9 @@ class ServerContext:
     """The engine, its served name, the metrics registry and the request plumbing every router uses."""
 
     def __init__(self, engine, *, served_model_name: str | None = None, metrics: Metrics | None = None,
-                 require_cache_salt: bool = False):
+                 require_cache_salt: bool = False, output: OutputConfig | None = None):
         self.engine = engine
+        self.output = output or OutputConfig()   # tool-call and reasoning parsers (serving/chat_output.py)
         self.require_cache_salt = bool(require_cache_salt)
         self.vocab_size = engine_vocab_size(engine) or None
         self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"
@@ -393,6 +432,15 @@ class ServerContext:
             raise as_api_error(e) from None
         pump = Pump(handle)
         return pump, t0
+
+    async def start_many(self, fn: Callable, *args, **kwargs) -> tuple[PumpGroup, float]:
+        """start() for an engine call that returns one handle per choice."""
+        t0 = time.perf_counter()
+        try:
+            handles = await call(fn, *args, two_phase=True, **kwargs)
+        except Exception as e:
+            raise as_api_error(e) from None
+        return PumpGroup([Pump(h) for h in handles]), t0
 
     async def first_event(self, pump: Pump, request: Request):
         ev = await pump.next(request)
