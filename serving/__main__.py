@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from serving.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+from serving.chat_output import add_output_flags
 
 
 def _memory(v: str) -> str | int:
@@ -110,11 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
                         "max_new_tokens), 'vllm' uses the server's own, DIR reads DIR/generation_config.json "
                         "(default: auto)")
-    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
-                   help="format of the model's tool calls, read into message.tool_calls (default: the one the chat "
-                        "template uses, if recognised; tools are refused without one)")
-    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                   help="split <think>...</think> reasoning into message.reasoning_content (default: none)")
+    add_output_flags(p)
     p.add_argument("--served-model-name", default=None,
                    help="model name reported by /v1/models and in responses (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),

@@ -54,8 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from serving import openai_format, protocol
-from serving.chat_output import ChoiceOutput, OutputConfig, choice, plan_chat
-from serving.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+from serving.chat_output import ChoiceOutput, OutputConfig, add_output_flags, choice, plan_chat
 
 log = logging.getLogger("serving.batch")
 
@@ -497,11 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="model name in the responses, and the one request bodies may name (default: the "
                         "checkpoint directory's name; hybrid-tiny-default for the embedded model)")
-    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
-                   help="format of the model's tool calls, read into message.tool_calls (default: the chat "
-                        "template's, if recognised)")
-    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                   help="split <think>...</think> reasoning into message.reasoning_content (default: none)")
+    add_output_flags(p)
     p.add_argument("--concurrency", type=int, default=None, metavar="N",
                    help="conversations run at once (default: --max-num-seqs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -13,10 +13,19 @@ from typing import Any
 
 from serving.errors import BadRequest
 from serving.grammar import GrammarError, GrammarSpec
-from serving.parsers import (ReasoningParser, ToolCallParser, detect_tool_call_parser, get_reasoning_parser,
-                             get_tool_call_parser, starts_in_reasoning)
+from serving.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, ReasoningParser, ToolCallParser,
+                             detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser, starts_in_reasoning)
 
 PROMPT_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the generation prompt opened a <think> block
+
+
+def add_output_flags(p) -> None:
+    """--tool-call-parser and --reasoning-parser, for the server's and the batch job's argparse parsers."""
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+                   help="format of the model's tool calls, read into message.tool_calls (default: the one the chat "
+                        "template uses, if recognised; tools are refused without one)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think>...</think> reasoning into message.reasoning_content (default: none)")
 
 
 @dataclasses.dataclass(frozen=True)
