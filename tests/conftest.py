@@ -46,3 +46,20 @@ def write_tiny_byte_model(out_dir: str, seed: int = 0, layers=("mamba", "attenti
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return write_tiny_byte_model(str(tmp_path_factory.mktemp("tiny_byte_model")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs when it ends. One pytest process runs every module; XLA maps
+    each CPU executable into memory, and keeping every module's programs alive grows the process past Linux's
+    65,530 memory mappings (vm.max_map_count), where loading the next executable segfaults."""
+    yield
+    import gc
+
+    import jax
+
+    from hybrid_jax import fused, model
+    fused.make_serving_steps.cache_clear()
+    model.make_steps.cache_clear()
+    gc.collect()
+    jax.clear_caches()

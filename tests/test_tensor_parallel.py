@@ -26,7 +26,9 @@ def run(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(f"tp_{request.param}")
     model = write_tiny_byte_model(str(d / "model"), **(MOE if request.param == "moe" else {}))
     out = d / "tp.json"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "tp_checks.py"), model, str(out)], cwd=os.path.dirname(HERE),
+    root = os.path.dirname(HERE)  # the checkout's packages, however (or whether) they are installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tp_checks.py"), model, str(out)], cwd=root, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return request.param, {int(k): v for k, v in json.load(open(out)).items()}
