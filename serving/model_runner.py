@@ -97,7 +97,7 @@ class ModelRunner:
         fields[:, INT_FIELDS.index("src")] = -1
         table = np.zeros((rows, width), np.int32)
         floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
-        floats[:, 1] = floats[:, 3] = 1.0  # top_p, repetition
+        floats[:, [FLOAT_FIELDS.index("top_p"), FLOAT_FIELDS.index("repetition")]] = 1.0  # off
         for i, r in enumerate(reqs):
             s, e = spans[i]
             tokens[i, :e - s] = r.tokens(s, e) if T > 1 or srcs[i] < 0 else 0
