@@ -358,6 +358,11 @@ class Tokenizer(BaseTokenizer):
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer` inside (the grammar engine reads its vocabulary)."""
+        return self._tok
+
 
 # Compact on purpose (the tiny model has a small context): no newlines, one token per role marker.
 # Content may be a string or a list of OpenAI-style parts, of which the text parts are used.

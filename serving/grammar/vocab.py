@@ -30,7 +30,7 @@ class _ByteVocab:
 
 def hf_tokenizer(tokenizer: Any) -> Any:
     """The `tokenizers.Tokenizer` inside a `serving.tokenizer.Tokenizer`."""
-    hf = getattr(tokenizer, "hf_tokenizer", None) or getattr(tokenizer, "_tok", None)
+    hf = getattr(tokenizer, "hf_tokenizer", None)
     if hf is None or not hasattr(hf, "to_str"):
         raise TypeError(f"no Hugging Face tokenizer inside {type(tokenizer).__name__}")
     return hf
