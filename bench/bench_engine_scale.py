@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import median_seconds
 import hybrid_jax
 from hybrid_jax.cache import init_cache
 from hybrid_jax.model import SpanBatch, make_steps
@@ -34,17 +35,6 @@ from hybrid_jax.model import SpanBatch, make_steps
 OUT_DIR = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks")
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "..", "serving", "default_model")
 NANO_PATTERN = "M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-M-"
-
-
-def _time(fn, reps: int) -> float:
-    """Median seconds of fn() (which must block) over reps runs, after one warm run."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _stacked(model_dir):
@@ -71,7 +61,7 @@ def bench_pool(args) -> list[dict]:
                 def run():
                     out, box["cache"] = fn(params, box["cache"], batch)
                     jax.block_until_ready(out)
-                t = _time(run, args.reps)
+                t = median_seconds(run, args.reps)
                 cache = box["cache"]
                 rows.append({"pool": pool, "batch": B, "step": kind, "ms": round(t * 1e3, 3)})
                 print(rows[-1], flush=True)
@@ -93,7 +83,7 @@ def bench_overhead(args) -> list[dict]:
             hs = [e.complete_stream(p, max_tokens=n, temperature=0, ignore_eos=True) for p in prompts]
             for h in hs:
                 h.result()
-        t_engine = _time(engine_run, args.reps) / n
+        t_engine = median_seconds(engine_run, args.reps) / n
         e.shutdown()
         cache = init_cache(cfg, num_blocks=64, block_size=16, num_slots=16)
         rows = max(B, 2)  # the engine's smallest decode bucket
@@ -106,7 +96,7 @@ def bench_overhead(args) -> list[dict]:
             for _ in range(n):
                 logits, box["cache"] = decode(params, box["cache"], batch)
             jax.block_until_ready(logits)
-        t_bare = _time(bare, args.reps) / n
+        t_bare = median_seconds(bare, args.reps) / n
         out.append({"batch": B, "engine_ms_per_step": round(t_engine * 1e3, 3),
                     "bare_step_ms": round(t_bare * 1e3, 3), "ratio": round(t_engine / t_bare, 2)})
         print(out[-1], flush=True)

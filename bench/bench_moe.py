@@ -24,13 +24,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import median_seconds  # noqa: E402
 from hybrid_jax import from_hf  # noqa: E402
 from hybrid_jax import sharding as S  # noqa: E402
 from hybrid_jax.generate import SingleSequence  # noqa: E402
@@ -48,14 +47,7 @@ TOP_K, HIDDEN, INTER = 6, 1024, 512
 
 def _time(fn, reps: int) -> float:
     """Median milliseconds of fn() (which must block) over reps runs, after two warm runs."""
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * median_seconds(fn, reps, warm=2)
 
 
 def _moe_config(experts: int) -> dict:
