@@ -34,7 +34,9 @@ def token_bits(ids, vocab_size: int) -> np.ndarray:
 
 
 class AdjustBuilder:
-    """Builds (masks [rows, 2, W] int32, bias [rows, V] f32) for a step, or None when no row needs any.
+    """Builds (masks [rows, 2, W] int32, bias [rows, V] f32 or None) for a step, or None when no row needs any.
+    The dense bias is built only when a row adds to its logits (None: the caller keeps its neutral one, so a
+    grammar-only step moves masks of V/32 words a row, not V floats).
 
     stop_ids(r): the ids min_tokens bars; grammar_fill(matchers, allowed [n, W], rows): fills the grammar masks of
     the given rows (the grammar engine, in parallel)."""
@@ -49,25 +51,35 @@ class AdjustBuilder:
             return None
         masks = np.zeros((rows, 2, self.W), np.int32)
         masks[:, 0] = -1
-        bias = np.zeros((rows, self.V), np.float32)
+        bias = None
         for i in todo:
-            self._row(reqs[i], steps[i], masks[i, 1], bias[i])
+            r = reqs[i]
+            for ids, values in self._bias_terms(r, steps[i]):
+                if bias is None:
+                    bias = np.zeros((rows, self.V), np.float32)
+                bias[i, ids] += values
+            if r.sp.repetition_penalty != 1.0:
+                masks[i, 1] = self._seen(r)
         constrained = [i for i in todo if reqs[i].matcher is not None]
         if constrained:
             self.grammar_fill([reqs[i].matcher for i in constrained], masks[:, 0], constrained)
         return masks, bias
 
-    def _row(self, r: Request, step: int, seen_W: np.ndarray, bias_V: np.ndarray) -> None:
-        sp = r.sp
+    def _bias_terms(self, r: Request, step: int) -> list[tuple]:
+        """(distinct token ids, values added to their logits) of r's row at generated-token index `step`."""
+        sp, out = r.sp, []
         if sp.logit_bias:
             ids, vals = zip(*sp.logit_bias)
-            bias_V[list(ids)] += np.asarray(vals, np.float32)
+            out.append((np.asarray(ids), np.asarray(vals, np.float32)))
         if step < sp.min_tokens and r.matcher is None:  # a grammar decides itself where its output ends
-            bias_V[[t for t in self.stop_ids(r) if t < self.V]] = -np.inf
+            out.append((np.asarray(sorted(t for t in self.stop_ids(r) if t < self.V)), -np.inf))
         if (sp.presence_penalty or sp.frequency_penalty) and r.generated:
             ids, counts = np.unique(np.asarray(r.generated), return_counts=True)
-            bias_V[ids] -= sp.presence_penalty + sp.frequency_penalty * counts.astype(np.float32)
-        if sp.repetition_penalty != 1.0:
-            if r.prompt_bits is None:
-                r.prompt_bits = token_bits(r.prompt_ids, self.V)
-            seen_W[:] = r.prompt_bits | token_bits(r.generated, self.V) if r.generated else r.prompt_bits
+            out.append((ids, -(sp.presence_penalty + sp.frequency_penalty * counts.astype(np.float32))))
+        return out
+
+    def _seen(self, r: Request) -> np.ndarray:
+        """The tokens of r's prompt and output, as a bitmask (the prompt's built once)."""
+        if r.prompt_bits is None:
+            r.prompt_bits = token_bits(r.prompt_ids, self.V)
+        return r.prompt_bits | token_bits(r.generated, self.V) if r.generated else r.prompt_bits

@@ -57,13 +57,15 @@ class ModelRunner:
     def _adjust(self, rows: int, reqs, steps) -> tuple:
         """The step's (masks, bias): built on the host when a row changes its logits, else the neutral ones that
         stay on the device."""
-        built = self.adjust.build(rows, reqs, steps) if reqs else None
-        if built is not None:  # placed as the neutral ones are, so the step's program is the same
-            return tuple(jax.device_put(a, self._replicated) for a in built)
         if rows not in self._neutral:
             self._neutral[rows] = tuple(jax.device_put(a, self._replicated)
                                         for a in neutral_adjust(rows, self.cfg.vocab_size))
-        return self._neutral[rows]
+        built = self.adjust.build(rows, reqs, steps) if reqs else None
+        if built is None:
+            return self._neutral[rows]
+        # placed as the neutral ones are, so the step's program is the same
+        masks, bias = (None if a is None else jax.device_put(a, self._replicated) for a in built)
+        return masks, self._neutral[rows][1] if bias is None else bias
 
     # ------------------------------------------------------------------ buckets
     def decode_rows(self, n: int) -> int:
