@@ -16,8 +16,6 @@ from serving.grammar import GrammarError, GrammarSpec
 from serving.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, ReasoningParser, ToolCallParser,
                              detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser, starts_in_reasoning)
 
-PROMPT_TAIL_TOKENS = 16  # prompt tokens decoded to see whether the generation prompt opened a <think> block
-
 
 def add_output_flags(p) -> None:
     """--tool-call-parser and --reasoning-parser, for the server's and the batch job's argparse parsers."""

@@ -17,7 +17,7 @@ from serving.protocol import ChatCompletionRequest, as_api_error
 
 def router(ctx: ServerContext) -> APIRouter:
     r = APIRouter()
-    engine, metrics, model_name = ctx.engine, ctx.metrics, ctx.model_name
+    engine, model_name = ctx.engine, ctx.model_name
 
     @r.post("/v1/chat/completions")
     async def chat_completions(request: Request):
