@@ -3,7 +3,6 @@ programs after warm-up; n choices fork one prefill; generation_config.json gives
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
