@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -52,6 +53,31 @@ def _positive(v: str) -> float:
     if not x > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return x
+
+
+def _size(v: str) -> int:
+    """A positive size in bytes: 262144, 256KiB, 512MiB, 1.5GB (K/M/G are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?\s*", v, re.I)
+    size = int(float(m.group(1)) * 1024 ** "_KMG".index(m.group(2).upper() or "_")) if m else 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"not a size such as 256KiB, 512MiB or bytes: {v!r}")
+    return size
+
+
+def add_grammar_flags(p) -> None:
+    """The limits on output constraints (structured outputs, forced tool calls): serving.grammar.GrammarLimits."""
+    p.add_argument("--max-grammar-bytes", type=_size, default=256 * 1024, metavar="SIZE",
+                   help="largest output constraint (the JSON schema, regex, grammar or tool list a request's "
+                        "structured outputs or tool_choice ask for), e.g. 256KiB: a larger one is refused with 400 "
+                        "(default: 256KiB)")
+    p.add_argument("--grammar-compile-timeout", type=_positive, default=1.0, metavar="SECONDS",
+                   help="seconds a request waits for its output constraint to compile: a slower one is refused with "
+                        "400, its compilation finishing in the background and cached for a retry if within the "
+                        "limits (default: 1)")
+    p.add_argument("--grammar-cache-memory", type=_size, default=256 * 1024 * 1024, metavar="SIZE",
+                   help="estimated memory of the compiled output constraints kept for reuse, least recently used "
+                        "dropped first; one that needs more than a quarter of it is refused with 400 (default: "
+                        "256MiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_new_tokens), 'vllm' uses the server's own, DIR reads DIR/generation_config.json "
                         "(default: auto)")
     add_output_flags(p)
+    add_grammar_flags(p)
     p.add_argument("--served-model-name", default=None,
                    help="model name reported by /v1/models and in responses (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("HYBRID_SERVE_API_KEY"),
@@ -119,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None,
                    help="durable committed-conversation state and stored responses (responses.json, mode "
                         "0600): restored on start if present, saved on graceful shutdown (SIGTERM/SIGINT)")
+    p.add_argument("--state-db", default=None, metavar="URL",
+                   help="the database that journals every settled turn (each written before it counts as settled, "
+                        "so a crash loses none): postgresql://... to share conversations between replicas, or an "
+                        "SQLite file (default: DIR/state.db with --cache-dir; none without)")
     p.add_argument("--max-stored-responses", type=_non_negative, default=10000,
                    help="most responses of the Responses API kept for GET and previous_response_id, least recently "
                         "used evicted first; 0 stores none (default: 10000)")
@@ -134,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to receive a request's whole body after its headers: a slower client (a body "
                         "shorter than its Content-Length, a stalled chunked body) gets 408 and its connection is "
                         "closed (default: 30)")
+    p.add_argument("--request-header-timeout", type=_positive, default=60.0, metavar="SECONDS",
+                   help="seconds to receive a request's head (request line and headers), from its first byte, or "
+                        "from the connection's opening for its first request: a connection that sent part of a "
+                        "head gets 408 and is closed, one that sent nothing is closed (default: 60, as nginx's "
+                        "client_header_timeout)")
+    p.add_argument("--timeout-keep-alive", type=_positive, default=60.0, metavar="SECONDS",
+                   help="close an idle keep-alive connection after this many seconds without a new request after "
+                        "its last response, as uvicorn's --timeout-keep-alive (default: 60; uvicorn's is 5)")
+    p.add_argument("--max-connections", type=_non_negative, default=1000, metavar="N",
+                   help="most open connections served at once: a connection opened beyond them has its request "
+                        "answered 503 (too_many_connections, Retry-After: 1) and is closed; the open-file limit is "
+                        "raised to fit when allowed; 0: no cap (default: 1000)")
     p.add_argument("--require-cache-salt", action="store_true",
                    help="refuse (400) requests that carry a conversation_id or previous_response_id, and "
                         "conversation reads and deletes, without a cache_salt (X-Cache-Salt header or body field), "
@@ -173,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from serving import Engine
+    from serving.api.http_limits import fit_fd_limit, limited_protocol
     from serving.app import DEFAULT_MAX_REQUEST_BYTES, create_app
     from serving.metrics import Metrics
     from serving.responses_store import ResponsesStore
@@ -187,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         chat_template=args.chat_template, generation_config=args.generation_config,
         conversation_ttl=args.conversation_ttl,
         max_conversations=args.max_conversations).items() if v is not None}
+    if args.cache_dir:
+        from serving.persist import claim
+        try:
+            claim(args.cache_dir)  # before the minutes of loading: a wrong directory is said at once
+        except (ValueError, OSError) as e:
+            log.error("cannot start: %s", e)
+            return 2
     metrics = Metrics()
     t0 = time.perf_counter()
     log.info("loading %s (%s)", args.model or "the embedded default model",
@@ -197,21 +248,29 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return 2
     metrics.bind_engine(engine)
+    state_db = args.state_db or args.cache_dir
+    if state_db:
+        try:
+            log.info("conversations journaled in %s", engine.use_state_db(state_db))
+        except Exception as e:  # noqa: BLE001 (an unusable database: say so and stop)
+            log.error("cannot start: the state database %s cannot be used: %s", state_db, e)
+            engine.shutdown()
+            return 2
+    from serving.grammar import GrammarLimits
+    engine.grammar_limits = GrammarLimits(max_bytes=args.max_grammar_bytes, cache_memory=args.grammar_cache_memory,
+                                          compile_timeout=args.grammar_compile_timeout)
     if not args.no_warmup:
         info = engine.warmup(progress=sys.stderr.isatty())
         log.info("compiled %d step programs and %d cache programs", info["programs"], info["cache_programs"])
     log.info("engine ready in %.1fs", time.perf_counter() - t0)
 
     if args.cache_dir:
-        if os.path.isdir(args.cache_dir) and os.listdir(args.cache_dir):
-            try:
-                restored = engine.load_state(args.cache_dir)
-                log.info("cache state %s from %s", "restored" if restored else "not restored (none usable)",
-                         args.cache_dir)
-            except Exception:
-                log.exception("could not restore the cache state from %s; starting empty", args.cache_dir)
-        else:
-            os.makedirs(args.cache_dir, exist_ok=True)
+        try:
+            restored = engine.load_state(args.cache_dir)
+            log.info("cache state %s from %s", "restored" if restored else "not restored (none usable)",
+                     args.cache_dir)
+        except Exception:
+            log.exception("could not restore the cache state from %s; starting empty", args.cache_dir)
     responses = ResponsesStore(args.max_stored_responses)
     if args.cache_dir:
         try:
@@ -246,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                          " (the cache state will be saved)" if args.cache_dir else "")
             super().handle_exit(sig, frame)
 
+    # uvicorn's h11 protocol with a head timeout and the connection cap, forced even where httptools is installed
+    # (serving/api/http_limits.py); the cap replaces uvicorn's limit_concurrency, which also counts requests.
+    fit_fd_limit(args.max_connections)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout, access_log=level <= logging.DEBUG,
-                            lifespan="off")
+                            lifespan="off", limit_concurrency=None, timeout_keep_alive=args.timeout_keep_alive,
+                            http=limited_protocol(header_timeout=args.request_header_timeout,
+                                                  max_connections=args.max_connections))
     server = Server(config)
 
     # uvicorn captures SIGTERM/SIGINT while serving and re-raises them, with the handlers it found, once it

@@ -17,8 +17,10 @@ Every request body is validated by the models of serving/protocol.py (the one pl
 shared with the batch job). Every error is answered as OpenAI's body `{"error": {"message", "type", "param",
 "code"}}` with its status: 400 validation (never FastAPI's 422), 401 auth, 404 unknown route / model /
 conversation / response, 405, 408 body not received in time, 409 busy conversation, 413 body too large, 429
-overloaded, 500 internal. The engine's blocking calls run in worker threads; a client that disconnects aborts its
-request, so the turn is discarded (invariant I3). The guard (API key, body size, body read timeout), the error
+overloaded, 500 internal (a repeated singleton header or query parameter is 400 too; the request-head timeout's
+408 and the connection cap's 503 come from below the app: serving/api/http_limits.py). The engine's blocking
+calls run in worker threads; a client that disconnects aborts its request, so the turn is discarded (invariant
+I3). The guard (API key, body size, body read timeout), the error
 handlers and the engine pump are shared (api/common.py).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fastapi import FastAPI
 from serving.api import admin, chat, completions, conversations, responses
 from serving.api.common import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard, ServerContext,
                                 __version__, install_error_handlers, install_log_redaction)
+from serving.api.delivery import TransportTap
 from serving.chat_output import OutputConfig
 from serving.metrics import Metrics
 from serving.protocol import openai_error
@@ -59,6 +62,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     install_error_handlers(app, ctx)
     app.add_middleware(Guard, api_key=api_key, max_request_bytes=int(max_request_bytes),
                        on_error=ctx.metrics.count_error, body_timeout=float(request_body_timeout))
+    app.add_middleware(TransportTap)  # outermost: sees the server's own receive (serving/api/delivery.py)
     for r in (chat.router(ctx), completions.router(ctx), responses.router(ctx, store),
               conversations.router(ctx), admin.router(ctx)):
         app.include_router(r)

@@ -151,6 +151,25 @@ class CacheManager:
             self._forget(cid)
         return len(cids)
 
+    @property
+    def slots_per_request(self) -> int:
+        """State slots one running request owns (align mode keeps a block-boundary snapshot too)."""
+        return 2 if self.mode == "align" else 1
+
+    @property
+    def usable_slots(self) -> int:
+        """State slots requests and checkpoints can use (the pool less its scratch slot)."""
+        return len(self.ledger.slots) - 1
+
+    def available_slots(self) -> int:
+        """Slots a new request could take now: free ones plus those of committed checkpoints on the device (any
+        of them can be evicted)."""
+        return self.ledger.free_slots + len(self.ledger.turns)
+
+    def owned_slots(self) -> int:
+        """Slots held by running requests and finished ones awaiting their settle: they come back."""
+        return int(np.sum(self.ledger.slots == L.SLOT_OWNED))
+
     def head_length(self, key) -> int:
         cid = self.index.heads.get(key)
         return self.index.meta[cid].length if cid is not None else 0

@@ -94,6 +94,16 @@ class RequestHandle:
         requests and after the first call."""
         self._engine._inbox.put(("settle", self._req, bool(delivered), seen))
 
+    @property
+    def conversation_turn(self) -> bool:
+        """Whether settling commits a conversation's turn (a conversation id was given)."""
+        return self._req.key is not None
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """After `settle`: wait until the engine committed or discarded the turn; whether it was committed (with a
+        state database, written there). False if not settled within `timeout`."""
+        return self._req.settled.wait(timeout) and self._req.committed
+
 
 def default_batched_tokens() -> int:
     """Tokens a step may hold while streams decode (a prefill chunk shares them with the decode rows). On a
@@ -161,7 +171,7 @@ class Engine(EngineLoop):
         self._held: dict = {}   # finished two-phase requests awaiting settle -> deadline
         self._step_rows: list = []  # the requests of the step being built or run (a failure is theirs)
         self.conversation_ttl, self.max_conversations = conversation_ttl or None, max_conversations or None
-        self._next_sweep = 0.0
+        self._next_sweep = self._next_purge = 0.0
         self.delivery_timeout = float(delivery_timeout)
         self.sampling_defaults: dict = {}  # fields a request leaves out (from_pretrained's generation_config)
         self._stop = False
@@ -234,7 +244,7 @@ class Engine(EngineLoop):
             req = chat_request(self.tokenizer, self._rid("chatcmpl"), msgs, sp, validate_salt(cache_salt), render)
             return self._submit(req, two_phase, n)
         key = conversation_key(conversation_id, cache_salt)
-        conv = self.conversations.lease(key)
+        conv = self.conversations.lease(key, whole_history=any(m["role"] == "assistant" for m in msgs))
         try:
             req = conversation_request(self.tokenizer, self._rid("chatcmpl"), key, conv, msgs, sp, render)
             return self._submit(req, two_phase, n)
@@ -295,7 +305,7 @@ class Engine(EngineLoop):
     def list_conversations(self, cache_salt=None) -> list[dict]:
         """The conversations of one salt (as get_conversation describes them), most recently used first."""
         salt = validate_salt(cache_salt)
-        keys = [k for k, _ in self.conversations.items() if k[0] == salt]
+        keys = self.conversations.keys(salt)
         out = [self.get_conversation(k[1], salt) for k in keys]
         return sorted((c for c in out if c is not None), key=lambda c: -c["last_used"])
 
@@ -325,10 +335,21 @@ class Engine(EngineLoop):
         from serving import persist
         return self._call(lambda: persist.load(self, directory))
 
+    def use_state_db(self, target: str, owner: str | None = None) -> str:
+        """Keep the conversations in the state database `target` (a `postgresql://` URL, an SQLite file, or a
+        directory: its state.db), shared with every replica that opens it (serving/journal.py); returns its
+        description. Call before serving; `shutdown` closes it."""
+        from serving.journal import Journal
+        from serving.store import StateStore
+        self.conversations.journal = Journal(StateStore.open(target), owner)
+        return self.conversations.journal.store.description
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake()
         self._thread.join(timeout=30)
+        if self.conversations.journal is not None:
+            self.conversations.journal.close()
 
     # ---------------------------------------------------------------- request building
     def _rid(self, prefix):
@@ -346,6 +367,13 @@ class Engine(EngineLoop):
             raise Overloaded("too many waiting requests; retry later")
         if any(t >= self.cfg.vocab_size for t, _ in req.sp.logit_bias):
             raise BadRequest(f"logit_bias: token ids must be in [0, {self.cfg.vocab_size})", param="logit_bias")
+        need, usable = self.scheduler.group_slots(n, n_prompt), self.caches.usable_slots
+        if need > usable:
+            most = max(k for k in range(1, MAX_N + 1) if self.scheduler.group_slots(k, n_prompt) <= usable)
+            raise BadRequest(f"n={n} needs {need} state slots at once (each choice holds one until the answer is "
+                             f"delivered, plus the shared prompt state); this server has {usable} (--num-slots): "
+                             f"n can be at most {most}", param="n")
+        req.group_slots = need if n > 1 else 0
         reqs = [req] + [self._sibling(req, i) for i in range(1, n)]
         if n > 1 and self.cache_mode == "exact" and n_prompt > 1:
             req.boundaries = tuple(sorted(set(req.boundaries) | {n_prompt - 1}))  # the state the siblings fork
@@ -366,15 +394,25 @@ class Engine(EngineLoop):
         sp = leader.sp if leader.sp.seed is None else dataclasses.replace(leader.sp, seed=leader.sp.seed + i)
         return Request(f"{leader.rid}-{i}", list(leader.prompt_ids), sp, salt=leader.salt, leader=leader)
 
+    # the limits on output constraints (serving.grammar.GrammarLimits; None: its defaults), read when the grammar
+    # engine is built on first use: `python -m serving` sets them from its flags
+    grammar_limits = None
+    # the request field a constraint of each kind comes from (regex, choice, lark: structured_outputs/guided_*)
+    _CONSTRAINT_PARAMS = {"json_object": "response_format", "json_schema": "response_format", "tool_calls": "tools"}
+
     def _matcher(self, spec):
+        """The request's grammar matcher (compiled on the grammar engine's threads, at most its compile timeout:
+        never call this on an event loop); BadRequest naming the constraint's field if it cannot be compiled."""
         from serving.grammar import GrammarError
         try:
             return self.grammar.matcher(spec)
         except GrammarError as e:
-            raise BadRequest(f"the output constraint cannot be compiled: {e}", param="response_format") from None
+            raise BadRequest(f"the output constraint cannot be compiled: {e}",
+                             param=self._CONSTRAINT_PARAMS.get(spec.kind, "structured_outputs")) from None
 
     @functools.cached_property
     def grammar(self):
         """The grammar engine (structured outputs), built on first use."""
         from serving.grammar import GrammarCompiler
-        return GrammarCompiler(self.tokenizer, self.cfg.vocab_size, stop_token_ids=sorted(self.output.eos))
+        return GrammarCompiler(self.tokenizer, self.cfg.vocab_size, stop_token_ids=sorted(self.output.eos),
+                               limits=self.grammar_limits)

@@ -23,6 +23,8 @@ from serving.turns import validate_messages
 
 log = logging.getLogger("serving.engine")
 SWEEP_EVERY_S = 5.0  # how often idle conversations are swept
+TOMBSTONE_TTL_S = 30 * 86400.0  # how long a forgotten conversation's id answers conversation_expired
+PURGE_EVERY_S = 3600.0
 
 
 class EngineLoop:
@@ -114,12 +116,15 @@ class EngineLoop:
         if now < self._next_sweep:
             return
         self._next_sweep = now + min(SWEEP_EVERY_S, (self.conversation_ttl or SWEEP_EVERY_S) / 2)
-        for key in self.conversations.idle_to_forget(self.conversation_ttl, self.max_conversations, now):
-            if self.conversations.delete(key):
+        for key, reason in self.conversations.idle_to_forget(self.conversation_ttl, self.max_conversations, now):
+            if self.conversations.forget(key, reason):
                 self.caches.drop_conversation(key)
                 self._counters["conversations_expired"] += 1
         if self.conversation_ttl:
             self.caches.expire(now - self.conversation_ttl)
+        if now >= self._next_purge:  # the ids of conversations forgotten long ago are free again
+            self._next_purge = now + PURGE_EVERY_S
+            self.conversations.purge_tombstones(now - TOMBSTONE_TTL_S)
 
     def _step(self):
         s = self.scheduler
@@ -271,17 +276,20 @@ class EngineLoop:
             self._settle_held(r, False)
 
     def _settle(self, r: Request, ok: bool):
-        """Step 7: commit the turn's state and conversation (ok) or release them."""
-        if r.pending is not None:
-            n = r.pending.snap_len if self.cache_mode == "align" else r.num_computed
-            self.caches.commit(r.pending, ok, r.salt, np.asarray(r.tokens(0, n), np.int32), r.key)
-            r.pending = None
-        if r.key is not None:
-            self._finish_conversation(r, ok)
+        """Step 7: commit the turn's state and conversation (ok) or release them; then `r.settled` is set, with
+        `r.committed` saying whether the turn was committed."""
+        try:
+            if r.pending is not None:
+                n = r.pending.snap_len if self.cache_mode == "align" else r.num_computed
+                self.caches.commit(r.pending, ok, r.salt, np.asarray(r.tokens(0, n), np.int32), r.key)
+                r.pending = None
+            r.committed = self._finish_conversation(r, ok) if r.key is not None else ok
+        finally:
+            r.settled.set()
 
-    def _finish_conversation(self, r: Request, ok: bool):
+    def _finish_conversation(self, r: Request, ok: bool) -> bool:
         if ok and r.raw_turn:
-            self.conversations.finish(r.key, True, list(r.new_messages), list(r.prompt_ids) + r.generated)
+            return self.conversations.finish(r.key, True, list(r.new_messages), list(r.prompt_ids) + r.generated)
         elif ok:
             # The committed answer is what its token ids decode to, so that rendering the committed messages
             # reproduces the committed ids (r.text may be cut at a stop string).
@@ -289,6 +297,5 @@ class EngineLoop:
             answer = self.tokenizer.decode(body, skip_special_tokens=False)
             msgs = list(r.new_messages) + [{"role": "assistant", "content": answer}]
             seen = list(r.new_seen or r.new_messages) + [r.seen_answer or {"role": "assistant", "content": r.text}]
-            self.conversations.finish(r.key, True, msgs, list(r.prompt_ids) + list(body), seen)
-        else:
-            self.conversations.finish(r.key, False)
+            return self.conversations.finish(r.key, True, msgs, list(r.prompt_ids) + list(body), seen)
+        return self.conversations.finish(r.key, False)

@@ -33,6 +33,11 @@ class NotFound(EngineError):
     type = "not_found_error"
 
 
+class ConversationExpired(NotFound):
+    """A turn continues a conversation the server forgot (time-to-live, capacity) without resending its history."""
+    code = "conversation_expired"
+
+
 class Overloaded(EngineError):
     status = 429
     type = "rate_limit_error"

@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -24,6 +25,7 @@ from hybrid_jax import ledger as L
 from hybrid_jax.cache import Cache, MambaState, PagedKV
 from serving.checkpoints import Checkpoint, digest
 from serving.conversations import Conversation
+from serving.store import ConversationRecord
 from serving.fingerprint import differences, fingerprint
 
 log = logging.getLogger("serving.persist")
@@ -48,15 +50,40 @@ def _owner_only(path: str) -> None:
             os.chmod(os.path.join(root, name), 0o600)
 
 
+# Everything this server writes in a cache dir, and the leftovers of an interrupted write (orbax's temporary
+# folders, `.tmp` files); nothing else there is ever removed.
+MARKER = ".hybrid-serve"
+_OWN = re.compile(r"^(LATEST|responses\.json|weights-digest\.json|state-\d+(\.json)?|state\.db(-wal|-shm|-journal)?|"
+                  r"states|" + re.escape(MARKER) + ")$")
+_LEFTOVER = re.compile(r"^(state-\d+\.orbax-checkpoint-tmp-.*|(state-\d+\.json|LATEST|weights-digest\.json)\.tmp|"
+                       r"\.responses\.json\.\d+\.\d+\.tmp)$")
+
+
+def claim(directory: str) -> None:
+    """Make `directory` this server's cache dir: create it (owner-only) with its marker file, or take one that
+    has the marker or holds only what this server writes (an older version's, which wrote no marker). A
+    non-empty directory with anything else in it is refused (ValueError): the server deletes its own leftovers
+    there, so it never shares a directory with other files."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    names = os.listdir(directory)
+    if MARKER not in names:
+        foreign = sorted(n for n in names if not (_OWN.match(n) or _LEFTOVER.match(n)))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise ValueError(f"--cache-dir {directory} is not empty and was not created by this server ({shown}); "
+                             "give it an empty or new directory")
+        _atomic_write(os.path.join(directory, MARKER), json.dumps({"format": FORMAT}))
+
+
 def clean_stale(directory: str) -> list[str]:
-    """Remove what an interrupted save left behind: temporary files and folders, and states other than the one
-    LATEST names. Returns the removed names."""
+    """Remove what an interrupted save left behind: this server's temporary files and folders, and states other
+    than the one LATEST names. Returns the removed names."""
     latest = _latest(directory)
     removed = []
     for name in os.listdir(directory):
-        stale = "tmp" in name or (name.startswith("state-") and latest is not None
-                                  and name not in (latest, latest + ".json"))
-        if stale:
+        old_state = (name.startswith("state-") and _OWN.match(name) and latest is not None
+                     and name not in (latest, latest + ".json"))
+        if _LEFTOVER.match(name) or old_state:
             path = os.path.join(directory, name)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
             removed.append(name)
@@ -67,7 +94,7 @@ def save(engine, directory: str) -> str:
     """Write the committed conversations and device checkpoints of `engine`; returns the state name. Runs on the
     engine thread."""
     directory = os.path.abspath(directory)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    claim(directory)
     clean_stale(directory)
     name = f"state-{time.time_ns()}"
     caches = engine.caches
@@ -83,7 +110,8 @@ def save(engine, directory: str) -> str:
                       "blocks": [bpos[b] for b in t.blocks], "slot": i})
     heads = [[k[0], k[1], cid] for k, cid in caches.index.heads.items() if cid in turns]
     convs = [{"salt": key[0], "id": key[1], "messages": conv.messages, "seen": conv.seen, "ids": conv.ids,
-              "turns": conv.turns, "last_used": conv.last_used} for key, conv in engine.conversations.items()]
+              "turns": conv.turns, "last_used": conv.last_used} for key, conv in engine.conversations.items()
+             if engine.conversations.journal is None]  # with a state database, the conversations are there
     meta = {"format": FORMAT, "model": engine.model_name, "block_size": engine.block_size,
             "cache_mode": engine.cache_mode, "num_blocks": len(blocks), "num_slots": len(slots),
             "fingerprint": fingerprint(engine, os.path.join(directory, MEMO)),
@@ -171,17 +199,28 @@ def _install(engine, meta: dict, arrays) -> None:
         c = Cache(kv=PagedKV(k=c.kv.k.at[:, b].set(arrays["k"]), v=c.kv.v.at[:, b].set(arrays["v"])),
                   mamba=MambaState(conv=c.mamba.conv.at[:, s].set(arrays["conv"]),
                                    ssm=c.mamba.ssm.at[:, s].set(arrays["ssm"])))
-    for conv in meta["conversations"]:
+    journal = engine.conversations.journal
+    for conv in meta["conversations"] if journal is None else ():  # the state database's are the truth
         engine.conversations.restore((conv["salt"], conv["id"]), Conversation(
             conv["messages"], conv["ids"], conv["turns"], conv["last_used"], seen=conv.get("seen")))
+    live: dict = {}  # with a state database: whether each owner is still a conversation there (not deleted since)
+
+    def kept(owner) -> bool:
+        if journal is None or owner is None:
+            return True
+        if owner not in live:
+            live[owner] = isinstance(journal.load(owner), ConversationRecord)
+        return live[owner]
     turns, cids = {}, {}
     for ck in meta["checkpoints"]:
         tokens = np.asarray(ck["tokens"], np.int32)
         if digest(tokens).hex() != ck["digest"]:
             log.warning("checkpoint %s: token digest mismatch; not restored", ck["cid"])
             continue
-        cid = cids[ck["cid"]] = caches.index.new_id()
         owner = None if ck["owner"] is None else tuple(ck["owner"])
+        if not kept(owner):  # its conversation was deleted or forgotten after this state was saved
+            continue
+        cid = cids[ck["cid"]] = caches.index.new_id()
         caches.index.add(Checkpoint(cid, ck["salt"], tokens, digest(tokens), owner, boundary=ck["boundary"]))
         turns[cid] = L.Turn(len(tokens), tuple(new_blocks[i] for i in ck["blocks"]), new_slots[ck["slot"]], 0)
     for salt, conv_id, old in meta["heads"]:

@@ -160,6 +160,7 @@ class Request:
     matcher: Any = None                       # the grammar's matcher (serving.grammar), when sp.grammar is set
     prompt_bits: Any = None                   # the prompt's token bitmask (repetition penalty), built once
     leader: "Request | None" = None           # n > 1: a sibling waits until its leader checkpointed the prompt
+    group_slots: int = 0                      # n > 1, on the leader: state slots its n choices need at once
     seen_answer: dict | None = None           # the answer as the client received it (settle), if it differs
     aborted: bool = False
     t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
@@ -167,6 +168,8 @@ class Request:
     out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     admitted: threading.Event = dataclasses.field(default_factory=threading.Event)
+    settled: threading.Event = dataclasses.field(default_factory=threading.Event)  # committed or released
+    committed: bool = False                   # what the settle did (a conversation turn: written to its ledger)
     result: ChatResult | None = None
 
     @property

@@ -41,13 +41,46 @@ class Scheduler:
         self.running: list[Request] = []
 
     # ------------------------------------------------------------------ admission
+    def group_slots(self, n: int, prompt_len: int) -> int:
+        """State slots a request of n choices holds at once: each choice's own, plus (n > 1, exact mode) the
+        checkpoint of the shared prompt that the choices attach. A finished choice keeps its slot until the whole
+        answer was delivered, so all n count together."""
+        fork = 1 if n > 1 and self.caches.mode == "exact" and prompt_len > 1 else 0
+        return n * self.caches.slots_per_request + fork
+
+    def _reserved(self) -> int:
+        """Slots promised to the waiting choices of admitted n > 1 requests (and their shared prompt state):
+        other requests are admitted only into what is left, so an admitted request always completes."""
+        per, leaders, total = self.caches.slots_per_request, set(), 0
+        for r in self.waiting:
+            if r.leader is not None and r.leader.admitted.is_set():
+                total += per
+                leaders.add(r.leader)
+        return total + (len(leaders) if self.caches.mode == "exact" else 0)
+
+    def _fits(self, req: Request, reserved: int) -> bool:
+        """Whether req's state slots are available now without touching slots reserved for others."""
+        avail = self.caches.available_slots()
+        if req.leader is not None:
+            return avail >= reserved  # its own share is part of the reservation
+        per = self.caches.slots_per_request
+        return avail - reserved >= (max(req.group_slots, per) if req.preemptions == 0 else per)
+
     def admit(self, fail) -> None:
         """Attach waiting requests in order while there is room; fail(req, msg) ends one that can never fit. A
-        sibling of an n > 1 request waits (others pass it) until its leader has checkpointed the prompt."""
-        i = 0
+        request of n choices is admitted when all n fit at once (their slots are then reserved for them), so a
+        pool is never split between half-admitted requests. A sibling of an n > 1 request waits (others pass
+        it) until its leader has checkpointed the prompt. A request that does not fit yet waits, and so do the
+        requests behind it (first come, first served), except the siblings of requests already admitted."""
+        i, blocked = 0, False
+        reserved = self._reserved()
         while i < len(self.waiting) and len(self.running) < self.max_num_seqs:
             req = self.waiting[i]
-            if not _leader_ready(req):
+            if not _leader_ready(req) or (blocked and req.leader is None):
+                i += 1
+                continue
+            if not self._fits(req, reserved):
+                blocked = True
                 i += 1
                 continue
             try:
@@ -56,8 +89,10 @@ class Scheduler:
                 pending = self.caches.attach(req.salt, np.asarray(req.tokens(0, feed), np.int32), req.key,
                                              count=req.preemptions == 0)
             except OutOfCache as e:
-                if self.running:
-                    return  # wait for running requests to free their state
+                if self.running or self.caches.owned_slots():
+                    blocked = True  # wait for running and finished requests to free their state
+                    i += 1
+                    continue
                 self.waiting.pop(i)
                 fail(req, f"the cache pool is too small for this request: {e}")
                 continue
@@ -69,6 +104,7 @@ class Scheduler:
                 self.counters["cached_prompt_tokens"] += pending.attached
             req.admitted.set()
             self.running.append(req)
+            reserved = self._reserved()
 
     # ------------------------------------------------------------------ decode rows
     def stop_list(self, r: Request) -> list[int]:

@@ -63,3 +63,20 @@ def _release_compiled_programs():
     model.make_steps.cache_clear()
     gc.collect()
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A PostgreSQL server for the whole session (tests/pg_server.py); `pg_server.new_database()` gives each test
+    an empty database. Fails, with what to install, where PostgreSQL is not installed."""
+    from pg_server import PostgresUnavailable, postgres_server
+
+    try:
+        cm = postgres_server()
+        server = cm.__enter__()
+    except PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield server
+    finally:
+        cm.__exit__(None, None, None)

@@ -8,6 +8,7 @@ import shutil
 import stat
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file, save_file
 
 from serving import Engine
@@ -65,3 +66,36 @@ def test_saved_state_restores_only_into_the_same_setup(tiny_model_dir, tmp_path,
     finally:
         perturbed.shutdown()
         fresh.shutdown()
+
+
+def test_cache_dir_is_owned_and_foreign_files_survive(tmp_path):
+    """--cache-dir removes only its own leftovers, and refuses a non-empty directory it did not create."""
+    from serving import persist
+    foreign = tmp_path / "foreign"
+    (foreign / "backup_tmp_dir").mkdir(parents=True)
+    (foreign / "my_tmp_notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not created by this server.*backup_tmp_dir"):
+        persist.claim(str(foreign))
+    assert sorted(os.listdir(foreign)) == ["backup_tmp_dir", "my_tmp_notes.txt"]
+
+    own = tmp_path / "own"
+    persist.claim(str(own))                       # new: created owner-only, with its marker
+    assert stat.S_IMODE(os.stat(own).st_mode) == 0o700 and persist.MARKER in os.listdir(own)
+    (own / "LATEST").write_text("state-2")
+    for name in ("state-1.orbax-checkpoint-tmp-7", "state-2"):
+        (own / name).mkdir()
+    for name in ("state-1.json", "state-2.json", "LATEST.tmp", ".responses.json.12.34.tmp", "my_tmp_notes.txt"):
+        (own / name).write_text("x")
+    (own / "backup_tmp_dir").mkdir()
+    persist.claim(str(own))                       # marked: taken whatever else it holds
+    removed = persist.clean_stale(str(own))
+    assert sorted(removed) == sorted(["state-1.orbax-checkpoint-tmp-7", "state-1.json", "LATEST.tmp",
+                                      ".responses.json.12.34.tmp"])
+    assert {"my_tmp_notes.txt", "backup_tmp_dir", "state-2", "state-2.json", "LATEST"} <= set(os.listdir(own))
+
+    legacy = tmp_path / "legacy"                  # an older version's dir (no marker, only its own names)
+    legacy.mkdir()
+    (legacy / "LATEST").write_text("state-5")
+    (legacy / "responses.json").write_text("{}")
+    persist.claim(str(legacy))
+    assert persist.MARKER in os.listdir(legacy)

@@ -27,18 +27,24 @@ def router(ctx: ServerContext) -> APIRouter:
             plan = plan_chat(body, ctx.output)
         except Exception as e:
             raise as_api_error(e) from None
+        conversation_id = ctx.conversation_id(request, body.conversation_id)
         cache_salt = ctx.salt(request, body.cache_salt,
-                              id_param="conversation_id" if body.conversation_id is not None else None)
+                              id_param="conversation_id" if conversation_id is not None else None)
         group, t0 = await ctx.start_many(engine.chat_streams, plan.messages, plan.n,
-                                         conversation_id=body.conversation_id, cache_salt=cache_salt,
+                                         conversation_id=conversation_id, cache_salt=cache_salt,
                                          template_kwargs=plan.template_kwargs, **plan.sampling)
         firsts = []
-        for pump in group.pumps:
-            ev = await ctx.first_event(pump, request)
-            if ev is None:
-                group.abort()
-                return Response(status_code=499)
-            firsts.append(ev)
+        try:
+            for pump in group.pumps:
+                ev = await ctx.first_event(pump, request)
+                if ev is None:
+                    group.abort()
+                    return Response(status_code=499)
+                firsts.append(ev)
+        except BaseException:
+            group.abort()
+            group.settle(False)  # one choice failed: every choice's state is released now
+            raise
         outs = [ChoiceOutput(plan, p.handle.prompt_tail(), i) for i, p in enumerate(group.pumps)]
         reply = _Reply(ctx, body, openai_format.completion_id(), int(time.time()), model_name)
         if not body.stream:
@@ -51,6 +57,7 @@ def router(ctx: ServerContext) -> APIRouter:
             for res in results:
                 err = ctx.finish_error(res)
                 if err is not None:
+                    group.settle(False)  # the other choices' states are released now, not at the timeout
                     return ctx.error_response(err)
             ctx.observe_e2e(t0)
             return DeliveringJSONResponse(reply.whole(group, outs, results), group)
@@ -98,6 +105,7 @@ class _Reply:
                     continue
                 err = ctx.finish_error(val) if kind == "done" else as_api_error(val)
                 if err is not None:
+                    group.fail()
                     yield ctx.error_event(err)
                     yield "data: [DONE]\n\n"
                     return

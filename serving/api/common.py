@@ -21,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.api.delivery import Delivery
+from serving.api.http_limits import repeated_singleton
 from serving.chat_output import OutputConfig
 from serving.metrics import Metrics
 from serving.protocol import (APIError, LogprobFormatter, as_api_error, check_id, engine_vocab_size, openai_error,
@@ -31,6 +33,7 @@ log = logging.getLogger("serving.app")
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_REQUEST_BODY_TIMEOUT = 30.0
 _DISCONNECT_POLL_S = 0.25
+SETTLE_WAIT_S = 60.0  # how long a response waits for the engine to commit its turn (a loop step and a write)
 _INLINE_PARSE_BYTES = 64 * 1024   # larger bodies are parsed in a worker thread, off the event loop
 # Routes behind the API key besides /v1/*: they run the tokenizer and the chat template.
 KEYED_PATHS = ("/tokenize", "/detokenize")
@@ -48,20 +51,22 @@ except Exception:  # not installed
 # --------------------------------------------------------------------------------------------------
 
 class Guard:
-    """Pure ASGI middleware: `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize when an API key is
-    set (401), then the request body read whole: larger than `max_request_bytes` is 413, not received within
-    `body_timeout` seconds of the headers (a body shorter than its Content-Length, a stalled chunked body) is 408
-    and the connection is closed. The body is replayed to the app, so later receive() calls still report
-    disconnects."""
+    """Pure ASGI middleware: a repeated singleton header or query parameter (Authorization, X-Cache-Salt,
+    X-Conversation-Id, ?cache_salt=) is 400 before anything else; `Authorization: Bearer KEY` on /v1/*, /tokenize
+    and /detokenize when an API key is set (401), then the request body read whole: larger than
+    `max_request_bytes` is 413, not received within `body_timeout` seconds of the headers (a body shorter than
+    its Content-Length, a stalled chunked body) is 408 and the connection is closed. The body is replayed to the
+    app, so later receive() calls still report disconnects."""
 
     def __init__(self, app, *, api_key: str | None, max_request_bytes: int, on_error: Callable[[int], None],
                  body_timeout: float = DEFAULT_REQUEST_BODY_TIMEOUT):
         self.app, self.api_key, self.max_bytes, self.on_error = app, api_key, max_request_bytes, on_error
         self.body_timeout = float(body_timeout)
 
-    async def _reject(self, scope, receive, send, status, message, code, headers=None):
+    async def _reject(self, scope, receive, send, status, message, code, headers=None, param=None):
         self.on_error(status)
-        resp = JSONResponse(openai_error(status, message, code=code), status_code=status, headers=headers)
+        resp = JSONResponse(openai_error(status, message, param=param, code=code), status_code=status,
+                            headers=headers)
         await resp(scope, receive, send)
 
     def keyed(self, path: str) -> bool:
@@ -70,6 +75,10 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        repeated = repeated_singleton(scope)  # first: the same answer whatever the key (api/http_limits.py)
+        if repeated is not None:
+            return await self._reject(scope, receive, send, 400, repeated.message, repeated.code,
+                                      param=repeated.param)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.api_key is not None and self.keyed(scope.get("path", "")):
             auth = headers.get("authorization", "")
@@ -162,12 +171,14 @@ def install_log_redaction() -> None:
 class Pump:
     """Iterates a RequestHandle in a daemon thread and posts ("delta", d), ("done", result) or ("error", exc)."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, delivery_timeout: float = 120.0):
         self.handle = handle
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self.settled = False
+        self.failed = False   # the response carries an error: whatever it delivered, nothing commits
+        self.delivery_timeout = delivery_timeout
         self.seen: dict | None = None
         self._checked = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="serving-stream", daemon=True)
@@ -202,12 +213,26 @@ class Pump:
                 pass
 
     def settle(self, delivered: bool):
-        """Two-phase commit: the turn commits once its answer was handed to the transport, else it is
-        discarded (called once, by the response that carries the answer). `seen` (set by the route) is the
-        answer as the client received it."""
+        """Two-phase commit: the turn commits once its answer was delivered (serving/api/delivery.py) and the
+        response carried no error, else it is discarded (called once, by the response that carries the
+        answer). `seen` (set by the route) is the answer as the client received it."""
         if not self.settled:
             self.settled = True
-            self.handle.settle(delivered, self.seen)
+            self.handle.settle(delivered and not self.failed, self.seen)
+
+    def fail(self):
+        """The response ends in an error: the turn is discarded and its state released at the settle."""
+        self.failed = True
+
+    @property
+    def conversation_turn(self) -> bool:
+        return self.handle.conversation_turn
+
+    async def commit(self) -> bool:
+        """Settle as delivered (unless the response failed) and wait until the engine committed the turn (with a
+        state database: written there); whether it did."""
+        self.settle(True)
+        return await call(self.handle.wait_settled, SETTLE_WAIT_S)
 
     def abort(self):
         if not self.finished:
@@ -223,14 +248,31 @@ class PumpGroup:
 
     def __init__(self, pumps: list[Pump]):
         self.pumps = pumps
+        self.delivery_timeout = pumps[0].delivery_timeout
 
     def abort(self):
         for p in self.pumps:
             p.abort()
 
+    def fail(self):
+        """One choice failed: the whole answer is an error and every choice's state is released at once."""
+        for p in self.pumps:
+            p.fail()
+
     def settle(self, delivered: bool):
         for p in self.pumps:
             p.settle(delivered)
+
+    @property
+    def conversation_turn(self) -> bool:
+        return any(p.conversation_turn for p in self.pumps)
+
+    @property
+    def failed(self) -> bool:
+        return any(p.failed for p in self.pumps)
+
+    async def commit(self) -> bool:
+        return all([await p.commit() for p in self.pumps])
 
     async def merged(self, firsts: list):
         """(choice index, kind, value) of every choice's events as they come, from their first events on; ends
@@ -264,60 +306,100 @@ def sse(obj, event: str | None = None) -> str:
     return f"event: {event}\n{data}" if event else data
 
 
+async def commit_before_last(delivery: Delivery, pump: "Pump | PumpGroup") -> bool:
+    """A conversation turn's answer, all but its last event or byte sent: wait until the client acknowledged
+    them, then commit the turn (durably, with a state database). Returns whether to send the last part: a client
+    that holds the whole answer thus always finds its turn committed, even if the server is killed right after.
+    False (the turn is discarded, the answer left unfinished) if the client did not read in time or the commit
+    was refused (another replica advanced the conversation)."""
+    if not await delivery.confirmed(pump.delivery_timeout):
+        pump.settle(False)
+        return False
+    return await pump.commit() or pump.failed
+
+
 class AbortingStreamingResponse(StreamingResponse):
     """An SSE response that aborts its request however the response ends early: client disconnect (the stream
     task is cancelled, possibly before the body generator ever started), a failed send, or an error. After a
-    complete stream the abort is a no-op."""
+    complete stream the abort is a no-op, and the turn settles as delivered once the client acknowledged the
+    last byte (serving/api/delivery.py); a conversation turn commits before its last event is sent
+    (`commit_before_last`)."""
 
     def __init__(self, content, pump: Pump):
         super().__init__(self._tracked(content), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.pump, self.completed = pump, False
+        self.pump, self.completed, self.delivery = pump, False, None
 
     async def _tracked(self, content):
+        last = None
         async for chunk in content:
-            yield chunk
+            if last is not None:
+                yield last
+            last = chunk
+        if self.pump.conversation_turn and not await commit_before_last(self.delivery, self.pump):
+            return
+        if last is not None:
+            yield last
         self.completed = True  # asked for more after the last event was sent: all of it reached the transport
 
     async def __call__(self, scope, receive, send):
+        self.delivery = delivery = Delivery(scope)
+        delivered = False
         try:
             await super().__call__(scope, receive, send)
+            delivered = self.completed and (self.pump.conversation_turn or
+                                            await delivery.confirmed(self.pump.delivery_timeout))
         finally:
+            delivery.close()
             self.pump.abort()
-            self.pump.settle(self.completed)
+            self.pump.settle(delivered)
 
 
 class DeliveringJSONResponse(JSONResponse):
-    """A whole-body answer whose turn commits once the body was sent (discarded if sending failed)."""
+    """A whole-body answer whose turn commits once the client acknowledged the body's last byte (discarded if
+    sending failed or it was not acknowledged in time)."""
 
     def __init__(self, content, pump: Pump):
         super().__init__(content)
         self.pump = pump
 
     async def __call__(self, scope, receive, send):
+        delivery = Delivery(scope)
+        delivered = False
         try:
-            await super().__call__(scope, receive, send)
-        except BaseException:
-            self.pump.settle(False)
-            raise
-        self.pump.settle(True)
+            if self.pump.conversation_turn:  # all but the last byte, then the commit (`commit_before_last`)
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                await send({"type": "http.response.body", "body": self.body[:-1], "more_body": True})
+                if await commit_before_last(delivery, self.pump):
+                    await send({"type": "http.response.body", "body": self.body[-1:]})
+                    delivered = True
+            else:
+                await super().__call__(scope, receive, send)
+                delivered = await delivery.confirmed(self.pump.delivery_timeout)
+        finally:
+            delivery.close()
+            self.pump.settle(delivered)
 
 
 # --------------------------------------------------------------------------------------------------
 # Small request helpers
 # --------------------------------------------------------------------------------------------------
 
-def header_salt(request: Request) -> str | None:
-    """The X-Cache-Salt header, read as UTF-8 (as a body field is) and held to the rules of an id."""
-    raw = request.headers.get("x-cache-salt")
+def header_id(request: Request, header: str, param: str) -> str | None:
+    """An id sent as a header, read as UTF-8 (as a body field is) and held to the rules of an id."""
+    raw = request.headers.get(header.lower())
     if raw is None:
         return None
     try:
         raw = raw.encode("latin-1").decode("utf-8")
     except UnicodeError:
-        raise APIError(400, "the X-Cache-Salt header must be UTF-8 text", param="cache_salt",
-                       code="invalid_value") from None
-    return check_id(raw, "cache_salt")
+        raise APIError(400, f"the {header} header must be UTF-8 text", param=param, code="invalid_value") from None
+    return check_id(raw, param)
+
+
+def header_salt(request: Request) -> str | None:
+    """The X-Cache-Salt header."""
+    return header_id(request, "X-Cache-Salt", "cache_salt")
 
 
 def check_salt(salt: str | None, param: str = "cache_salt") -> str | None:
@@ -354,6 +436,7 @@ class ServerContext:
         self.accepted_models = {self.model_name, getattr(engine, "model_name", self.model_name)}
         self.max_model_len = int(getattr(engine, "max_model_len", 0) or 0)
         self.created = int(time.time())
+        self.delivery_timeout = float(getattr(engine, "delivery_timeout", 120.0))  # see serving/api/delivery.py
 
         # Metrics: one registry per app. The engine observes the latency histograms when it has a `metrics`
         # hook (we attach ours if it still has its no-op one); otherwise the app observes them itself.
@@ -390,6 +473,18 @@ class ServerContext:
             salt = body_salt
         self.require_salt(salt, id_param)
         return salt
+
+    @staticmethod
+    def conversation_id(request: Request, body_id: str | None) -> str | None:
+        """A request's conversation_id: the body's field or the X-Conversation-Id header (which load balancers
+        can hash on, docs/deploy.md); 400 if both are given and differ."""
+        header = header_id(request, "X-Conversation-Id", "conversation_id")
+        if header is None:
+            return body_id
+        if body_id is not None and body_id != header:
+            raise APIError(400, "the X-Conversation-Id header and the body's conversation_id differ",
+                           param="conversation_id", code="conflicting_conversation_id")
+        return header
 
     def require_salt(self, salt: str | None, id_param: str | None) -> None:
         if salt is None and id_param is not None and self.require_cache_salt:
@@ -430,7 +525,7 @@ class ServerContext:
             handle = await call(fn, *args, two_phase=True, **kwargs)
         except Exception as e:
             raise as_api_error(e) from None
-        pump = Pump(handle)
+        pump = Pump(handle, self.delivery_timeout)
         return pump, t0
 
     async def start_many(self, fn: Callable, *args, **kwargs) -> tuple[PumpGroup, float]:
@@ -440,7 +535,7 @@ class ServerContext:
             handles = await call(fn, *args, two_phase=True, **kwargs)
         except Exception as e:
             raise as_api_error(e) from None
-        return PumpGroup([Pump(h) for h in handles]), t0
+        return PumpGroup([Pump(h, self.delivery_timeout) for h in handles]), t0
 
     async def first_event(self, pump: Pump, request: Request):
         ev = await pump.next(request)
@@ -497,6 +592,7 @@ class ServerContext:
                     pump.finished = True
                     err = self.finish_error(val)
                     if err is not None:
+                        pump.fail()
                         yield self.error_event(err)
                     else:
                         yield sse(make_final(val))
@@ -508,6 +604,7 @@ class ServerContext:
                     yield "data: [DONE]\n\n"
                     return
                 else:  # error after the stream started (the finally aborts the request)
+                    pump.fail()
                     yield self.error_event(as_api_error(val))
                     yield "data: [DONE]\n\n"
                     return

@@ -24,11 +24,12 @@ def router(ctx: ServerContext) -> APIRouter:
         sampling = body.sampling(body.max_tokens)
         if body.logprobs is not None:
             sampling.update(logprobs=True, top_logprobs=body.logprobs)
+        conversation_id = ctx.conversation_id(request, body.conversation_id)
         cache_salt = ctx.salt(request, body.cache_salt,
-                              id_param="conversation_id" if body.conversation_id is not None else None)
+                              id_param="conversation_id" if conversation_id is not None else None)
         rid = "cmpl-" + uuid.uuid4().hex
         now = int(time.time())
-        pump, t0 = await ctx.start(engine.complete_stream, body.prompt, conversation_id=body.conversation_id,
+        pump, t0 = await ctx.start(engine.complete_stream, body.prompt, conversation_id=conversation_id,
                                    cache_salt=cache_salt, **sampling)
         first = await ctx.first_event(pump, request)
         if first is None:

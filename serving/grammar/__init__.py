@@ -8,16 +8,19 @@ allowed) in parallel on llguidance's threads while the device runs the previous 
 tokenizer lacks (a model vocabulary padded past it) are never allowed.
 
     spec = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
-    compiler = GrammarCompiler(tokenizer, vocab_size)   # once per engine
+    compiler = GrammarCompiler(tokenizer, vocab_size)   # once per engine; limits=GrammarLimits(...)
     m = compiler.matcher(spec)                          # per request; GrammarError (a 400) if spec is invalid
+                                                        # or breaks a limit (size, compile time, memory, ...)
     compiler.fill([m], masks, rows=[0]); ...; m.accept(token)
 
 Modules: `spec` (what a request asks, hashable), `sources` (spec -> llguidance grammar text, JSON formatting
-options), `vocab` (the tokenizer as llguidance sees it), `compiler` (cache, matchers, masks).
+options), `vocab` (the tokenizer as llguidance sees it), `limits` (what a constraint may cost, clean error
+messages), `cache` (compiled grammars, bounded in bytes), `compiler` (compiling, matchers, masks).
 """
 from serving.grammar.compiler import Grammar, GrammarCompiler, Matcher, bitmask_words
+from serving.grammar.limits import GrammarLimits
 from serving.grammar.sources import JSON_OPTIONS
 from serving.grammar.spec import GrammarError, GrammarSpec, strict_schema
 
-__all__ = ["Grammar", "GrammarCompiler", "GrammarError", "GrammarSpec", "JSON_OPTIONS", "Matcher",
-           "bitmask_words", "strict_schema"]
+__all__ = ["Grammar", "GrammarCompiler", "GrammarError", "GrammarLimits", "GrammarSpec", "JSON_OPTIONS",
+           "Matcher", "bitmask_words", "strict_schema"]
