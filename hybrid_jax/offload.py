@@ -47,11 +47,37 @@ def _scatter(cache: Cache, blocks, slot, k, v, conv, ssm):
                                   ssm=cache.mamba.ssm.at[:, slot].set(ssm)))
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceTurn:
+    """A committed turn's blocks and slot gathered into arrays of their own (the copy is dispatched, not awaited):
+    later steps may reuse the blocks and slot, and `fetch` still returns the turn as it was committed."""
+    length: int
+    n_blocks: int
+    arrays: tuple     # (k, v, conv, ssm), k and v padded to a power-of-two block count
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def fetch(self) -> HostTurn:
+        """Wait for the copy and return it in host memory (any thread may call this)."""
+        n = self.n_blocks
+        k, v, conv, ssm = jax.device_get(self.arrays)
+        return HostTurn(self.length, np.asarray(k[:, :n]), np.asarray(v[:, :n]), np.asarray(conv), np.asarray(ssm))
+
+
+def gather(cache: Cache, turn: L.Turn) -> DeviceTurn:
+    """Start copying a committed turn's blocks and state slot out of the cache, without waiting (the same
+    compiled programs as `to_host`; the ledger is not changed)."""
+    arrays = _gather(cache, _padded(turn.blocks), turn.slot)
+    for a in arrays:
+        a.copy_to_host_async()
+    return DeviceTurn(turn.length, len(turn.blocks), tuple(arrays))
+
+
 def to_host(cache: Cache, turn: L.Turn) -> HostTurn:
     """Copy a committed turn's blocks and state slot to host memory (the ledger is not changed)."""
-    n = len(turn.blocks)
-    k, v, conv, ssm = jax.device_get(_gather(cache, _padded(turn.blocks), turn.slot))
-    return HostTurn(turn.length, np.asarray(k[:, :n]), np.asarray(v[:, :n]), np.asarray(conv), np.asarray(ssm))
+    return gather(cache, turn).fetch()
 
 
 def from_host(ledger: L.Ledger, cache: Cache, key, host: HostTurn):

@@ -5,8 +5,8 @@ Supported architectures:
 * ``nemotron_h`` (NemotronHForCausalLM: Nemotron-H, Nemotron Nano 2, Nemotron 3 with MoE "E" layers) --
   tensors under ``backbone.*`` (``embeddings``, ``layers.N.norm``, ``layers.N.mixer.*``, ``norm_f``) plus
   ``lm_head``, as the released checkpoints store them (transformers renames ``backbone.`` to ``model.`` on
-  load). MoE layers: ``mixer.gate.weight``, ``mixer.gate.e_score_correction_bias`` (float32, as transformers
-  keeps and saves it), one ``mixer.experts.{e}.{up,down}_proj.weight`` per expert (transformers merges them
+  load). MoE layers: ``mixer.gate.weight`` and ``mixer.gate.e_score_correction_bias`` (both float32, as transformers
+  keeps and saves them), one ``mixer.experts.{e}.{up,down}_proj.weight`` per expert (transformers merges them
   into 3-D tensors on load and splits them again on save), ``mixer.shared_experts.*`` and, with
   ``moe_latent_size``, ``mixer.fc{1,2}_latent_proj.*``.
 * ``granitemoehybrid`` (GraniteMoeHybridForCausalLM: Granite 4.0-H dense and MoE) -- ``model.*`` with
@@ -335,7 +335,7 @@ def _nemotron_moe_specs(mix: str, h: int, config: dict) -> list[TensorSpec]:
     latent = int(config.get("moe_latent_size") or 0)
     width = latent or h
     bias = bool(config.get("mlp_bias", False))
-    specs = [TensorSpec(mix + "gate.weight", (e, h)),
+    specs = [TensorSpec(mix + "gate.weight", (e, h), dtype="float32"),
              TensorSpec(mix + "gate.e_score_correction_bias", (e,), "zeros", dtype="float32")]
     for k in range(e):
         specs.append(TensorSpec(f"{mix}experts.{k}.up_proj.weight", (inter, width)))

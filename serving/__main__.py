@@ -3,9 +3,10 @@
     python -m serving                                  # the embedded default model on 127.0.0.1:8000
     python -m serving --model PATH --port 8001 --cache-mode exact --cache-dir /var/cache/hybrid
 
-With --cache-dir the committed conversations and the stored responses (`/v1/responses`) survive restarts: a
-graceful shutdown (SIGTERM or SIGINT) saves them there after the in-flight requests finish (or are aborted after
---graceful-timeout seconds), and the next start restores them.
+With --cache-dir the committed conversations and the stored responses (`/v1/responses`) survive restarts and
+crashes: each settled turn and stored response is written to its state database (DIR/state.db, or --state-db)
+before it is answered; a graceful shutdown (SIGTERM or SIGINT) also saves the device states there after the
+in-flight requests finish (or are aborted after --graceful-timeout seconds), and the next start restores them.
 """
 from __future__ import annotations
 
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the decode rows, which bounds inter-token gaps (default: 64 on CPU, 2048 on GPU)")
     p.add_argument("--host-cache-memory", type=_memory, default=None,
                    help="host memory for evicted conversations, e.g. 1GiB (0: off; engine default: 1GiB)")
+    p.add_argument("--disk-cache-memory", type=_memory, default="8GiB", metavar="SIZE",
+                   help="with --cache-dir: disk space for conversation states in DIR/states, where checkpoints "
+                        "evicted from host memory spill and committed states are written behind, so a restart "
+                        "(even after a crash) resumes them without recompute (0: off; default: 8GiB)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="parameter and cache dtype. auto: the checkpoint's torch_dtype from its config.json "
                         "(bfloat16 for the released models; float32 if it names none). The Mamba SSM state and "
@@ -144,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: "
                         "$HYBRID_SERVE_API_KEY; none if unset)")
     p.add_argument("--cache-dir", default=None,
-                   help="durable committed-conversation state and stored responses (responses.json, mode "
-                        "0600): restored on start if present, saved on graceful shutdown (SIGTERM/SIGINT)")
+                   help="durable conversations and stored responses (DIR/state.db, mode 0600, written as each turn "
+                        "settles) and device states (saved on graceful shutdown, restored on start)")
     p.add_argument("--state-db", default=None, metavar="URL",
                    help="the database that journals every settled turn (each written before it counts as settled, "
                         "so a crash loses none): postgresql://... to share conversations between replicas, or an "
@@ -271,14 +276,21 @@ def main(argv: list[str] | None = None) -> int:
                      args.cache_dir)
         except Exception:
             log.exception("could not restore the cache state from %s; starting empty", args.cache_dir)
-    responses = ResponsesStore(args.max_stored_responses)
-    if args.cache_dir:
+    if args.cache_dir:  # the disk tier, after the saved state (states in both are indexed once)
+        from hybrid_jax.memory import parse_bytes
+        from serving.disk_tier import enable as enable_disk_tier
         try:
-            n = responses.load(args.cache_dir)
-            if n:
-                log.info("restored %d stored responses from %s", n, args.cache_dir)
+            disk_bytes = parse_bytes(args.disk_cache_memory)
+        except ValueError as e:
+            log.error("cannot start: --disk-cache-memory: %s", e)
+            engine.shutdown()
+            return 2
+        try:
+            if disk_bytes:
+                enable_disk_tier(engine, args.cache_dir, disk_bytes)
         except Exception:
-            log.exception("could not restore the stored responses from %s; starting empty", args.cache_dir)
+            log.exception("could not open the disk tier in %s; going on without it", args.cache_dir)
+    responses = _stored_responses(args, engine)
 
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics,
@@ -341,13 +353,32 @@ def main(argv: list[str] | None = None) -> int:
                 log.exception("could not save the cache state to %s", args.cache_dir)
                 rc = 1
             try:
-                path = responses.save(args.cache_dir)
-                log.info("%d stored responses saved to %s", len(responses), path)
+                if isinstance(responses, ResponsesStore):  # else: in the state database already
+                    path = responses.save(args.cache_dir)
+                    log.info("%d stored responses saved to %s", len(responses), path)
             except Exception:
                 log.exception("could not save the stored responses to %s", args.cache_dir)
                 rc = 1
         engine.shutdown()
     return rc
+
+
+def _stored_responses(args, engine):
+    """The Responses API's store: in the state database when there is one (durable at once, shared by replicas;
+    an older server's responses.json is moved into it), else in memory, restored from --cache-dir."""
+    from serving.responses_db import DurableResponses
+    from serving.responses_store import ResponsesStore
+    journal = engine.conversations.journal
+    responses = (ResponsesStore(args.max_stored_responses) if journal is None
+                 else DurableResponses(journal.store, args.max_stored_responses))
+    if args.cache_dir:
+        try:
+            n = responses.load(args.cache_dir) if journal is None else responses.import_file(args.cache_dir)
+            if n:
+                log.info("restored %d stored responses from %s", n, args.cache_dir)
+        except Exception:
+            log.exception("could not restore the stored responses from %s; starting empty", args.cache_dir)
+    return responses
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""The cache's lookup and commit: the device cache, its ledger, the checkpoint index and the host-memory tier,
-owned by the loop thread.
+"""The cache's lookup and commit: the device cache, its ledger, the checkpoint index, the host-memory tier and
+the disk tier (serving/disk_tier.py, when enabled), owned by the loop thread.
 
 Step 4 (attach the deepest committed checkpoint whose tokens begin the request's, or start fresh), growth of a
 running request (reserve), checkpoints published mid-prompt at a message boundary (fork), step 7 (commit a
 checkpoint at the end of a turn on success, release on failure), and eviction of least recently used
 checkpoints (anonymous and intermediate ones before conversation heads) to the host tier when the pool runs out
-(I7), with their return on the next hit.
+(I7), with their return on the next hit. Checkpoints leaving the host tier (or the device, without one) spill
+to the disk tier, and states committed at the end of a turn are written behind to it; a hit there reads the
+file back through the host tier's programs.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from serving.checkpoints import Checkpoint, CheckpointIndex, digest
 log = logging.getLogger("serving.cache")
 OutOfCache = (L.OutOfBlocks, L.OutOfSlots)
 MISS_CAUSES = ("no_checkpoint", "evicted", "not_prefix")
+DISK_STATS = dict(disk_hits=0, disk_writes=0, disk_write_drops=0, disk_rejects=0, disk_checkpoints=0, disk_bytes=0,
+                  disk_queue=0)
 
 
 class CacheManager:
@@ -41,25 +45,26 @@ class CacheManager:
         self.counters = counters
         self.index = CheckpointIndex()
         self.lost_heads: set = set()   # conversations whose head was evicted for good (miss cause)
+        self.disk = None               # serving.disk_tier.DiskTier, set by enable_disk
+        self._warmed = self._moves_warm = False
 
     def reset(self):
-        """A failed step lost the donated cache: start over empty (conversations recompute their next turn)."""
+        """A failed step lost the donated cache: start over with an empty device. The checkpoints in the host and
+        disk tiers stay indexed (their copies are good); those only on the device are forgotten, and their
+        conversations recompute their next turn."""
         self.cache = init_cache(self.cfg, num_blocks=self.plan.num_blocks, block_size=self.block_size,
                                 num_slots=self.plan.num_slots, dtype=self.dtype)
         self.ledger = L.new_ledger(self.plan.num_blocks, self.plan.num_slots, self.block_size)
-        self.host.clear()
-        self.host_bytes = 0
-        self.index = CheckpointIndex()
+        for cid, ck in list(self.index.meta.items()):
+            if not (ck.on_host or ck.on_disk):
+                self._lost(cid)
 
     # ------------------------------------------------------------------ step 4
     def attach(self, salt, feed_T: np.ndarray, key=None, count: bool = True) -> L.Pending:
         """Attach the deepest checkpoint under salt whose tokens begin feed_T (leaving at least its last token to
         compute), or a fresh state, and reserve blocks for all of feed_T. Counts the hit or the miss and its
         cause. Raises OutOfBlocks/OutOfSlots with nothing changed when even eviction cannot make room."""
-        cid = self.index.lookup(salt, feed_T, limit=len(feed_T)) if self.mode != "none" else None
-        if cid is not None and self.index.meta[cid].on_host:
-            if not self._restore_from_host(cid):
-                cid = None
+        cid = self._lookup(salt, feed_T) if self.mode != "none" else None
         if count:
             self._count(cid, salt, key)
         align = self.mode == "align"
@@ -70,6 +75,21 @@ class CacheManager:
         except L.OutOfBlocks:
             self.ledger = L.release(self.ledger, pending)
             raise
+
+    def _lookup(self, salt, feed_T: np.ndarray) -> int | None:
+        """The deepest checkpoint to attach (see attach), brought back to the device first if it waits in the
+        host or the disk tier. A stored file that is gone or does not check out is forgotten and the next deepest
+        checkpoint is tried; no room to bring one back is a miss."""
+        self._forget_gone()
+        while True:
+            cid = self.index.lookup(salt, feed_T, limit=len(feed_T))
+            if cid is None or cid in self.ledger.turns:
+                return cid
+            if self.index.meta[cid].on_host:
+                return cid if self._restore_from_host(cid) else None
+            restored = self._restore_from_disk(cid)
+            if restored is not None:
+                return cid if restored else None
 
     def _count(self, cid, salt, key) -> None:
         if cid is not None:
@@ -110,12 +130,14 @@ class CacheManager:
             self.ledger = L.release(self.ledger, pending)
             if same is not None:
                 self._make_head(owner, same)
+                self._write_behind(same)
             return
         cid = self.index.new_id()
         pending = dataclasses.replace(pending, key=cid)
         self.ledger = L.commit(self.ledger, pending, True, n, use_snapshot=self.mode == "align")
         self.index.add(Checkpoint(cid, salt, tokens_T, digest(tokens_T), owner))
         self._make_head(owner, cid)
+        self._write_behind(cid)
 
     def _make_head(self, owner, cid: int) -> None:
         if owner is not None:
@@ -133,7 +155,7 @@ class CacheManager:
         return dataclasses.replace(pending, snap_len=length)
 
     def drop_conversation(self, key) -> None:
-        """Forget every checkpoint `key` committed, on the device and in the host tier, and its head."""
+        """Forget every checkpoint `key` committed, on the device, in the host tier and on disk, and its head."""
         for cid in self.index.owned_by(key):
             self._forget(cid)
         self.index.drop_head(key)
@@ -142,7 +164,9 @@ class CacheManager:
     def _forget(self, cid: int) -> None:
         self.ledger = L.evict(self.ledger, cid)
         self._drop_host(cid)
-        self.index.remove(cid)
+        ck = self.index.remove(cid)
+        if ck.on_disk and self.disk is not None:
+            self.disk.delete(self._disk_name(ck))
 
     def expire(self, older_than: float) -> int:
         """Forget checkpoints unused since wall time older_than (the time-to-live). Returns how many."""
@@ -187,28 +211,55 @@ class CacheManager:
 
     def evict_one(self, keep=frozenset()) -> bool:
         """Move the checkpoint that matters least (see CheckpointIndex.eviction_rank) off the device: to the host
-        tier when it fits there, else forget it."""
+        tier when it fits there, else to the disk tier (see _spill); host copies pushed out go to disk too."""
         cands = [(self.index.eviction_rank(cid, t.last_used), cid) for cid, t in self.ledger.turns.items()
                  if cid not in keep]
         if not cands:
             return False
         victim = min(cands)[1]
-        ck = self.index.meta[victim]
-        host = offload.to_host(self.cache, self.ledger.turns[victim]) if self.host_cache_bytes else None
+        ck, turn = self.index.meta[victim], self.ledger.turns[victim]
+        host = offload.to_host(self.cache, turn) if self.host_cache_bytes else None
+        if host is None or host.nbytes > self.host_cache_bytes:  # straight to disk: copy before the blocks go
+            host = host or self._gather_for_disk(ck, turn)
+            self.ledger = L.evict(self.ledger, victim)
+            self.counters["evictions"] += 1
+            self._spill(victim, host)
+            return True
         self.ledger = L.evict(self.ledger, victim)
         self.counters["evictions"] += 1
-        if host is not None and host.nbytes <= self.host_cache_bytes:
-            self.host[victim] = host
-            self.host_bytes += host.nbytes
-            ck.on_host = True
-            self.counters["offloads"] += 1
-            while self.host_bytes > self.host_cache_bytes:  # oldest host copies go first
-                old, h = self.host.popitem(last=False)
-                self.host_bytes -= h.nbytes
-                self._lost(old)
-        else:
-            self._lost(victim)
+        self.host[victim] = host
+        self.host_bytes += host.nbytes
+        ck.on_host = True
+        self.counters["offloads"] += 1
+        while self.host_bytes > self.host_cache_bytes:  # oldest host copies go first
+            old, h = self.host.popitem(last=False)
+            self.host_bytes -= h.nbytes
+            self._spill(old, h)
         return True
+
+    def _gather_for_disk(self, ck: Checkpoint, turn: L.Turn):
+        """A dispatched copy of a device checkpoint for the disk tier (None when there is none or it already
+        holds a copy, or its queue is full)."""
+        if self.disk is None or ck.on_disk:
+            return None
+        return lambda: offload.gather(self.cache, turn)
+
+    def _spill(self, cid: int, turn) -> None:
+        """A checkpoint leaves memory with `turn` (a HostTurn, or a thunk giving an offload.DeviceTurn, or None):
+        it stays indexed, as on disk, if the tier holds a copy or queues this one; otherwise it is gone."""
+        ck = self.index.meta[cid]
+        ck.on_host = False
+        if self.disk is not None and not ck.on_disk and turn is not None:
+            ck.on_disk = self.disk.submit(self._disk_entry(ck), turn, self._state_bytes(ck.length, padded=True))
+        if not ck.on_disk:
+            self._lost(cid)
+
+    def _write_behind(self, cid: int) -> None:
+        """Queue a copy of a device checkpoint just committed for the disk tier (never waits; dropped, and
+        counted, when the queue is full)."""
+        ck = self.index.meta[cid]
+        if cid in self.ledger.turns and (thunk := self._gather_for_disk(ck, self.ledger.turns[cid])):
+            ck.on_disk = self.disk.submit(self._disk_entry(ck), thunk, self._state_bytes(ck.length, padded=True))
 
     def _lost(self, cid: int) -> None:
         for key, c in list(self.index.heads.items()):
@@ -229,11 +280,76 @@ class CacheManager:
             self.ledger, self.cache = self._with_eviction(
                 lambda: offload.from_host(self.ledger, self.cache, cid, host), keep={cid})
         except OutOfCache:
-            self._lost(cid)  # no room even after eviction: the turn recomputes
+            self._spill(cid, host)  # no room even after eviction: the turn recomputes
             return False
         self.index.meta[cid].on_host = False
         self.counters["host_restores"] += 1
         return True
+
+    # ------------------------------------------------------------------ the disk tier
+    def enable_disk(self, tier) -> None:
+        """Use `tier` (serving.disk_tier.DiskTier) below the host tier and index the states it holds; compiles
+        the tiers' copy programs if warm-up already ran without them."""
+        self.disk = tier
+        self._index_disk()
+        if self._warmed and not self._moves_warm:
+            self._warm_moves()
+
+    def _index_disk(self) -> None:
+        """Make the checkpoint index know every state on disk (a request whose tokens begin with one attaches
+        it; its owner is kept, so deleting the conversation deletes the file)."""
+        if self.disk is None:
+            return
+        self.disk.drain_gone()
+        for e in self.disk.stored():
+            same = self.index.duplicate(e.salt, e.tokens)
+            if same is not None:
+                self.index.meta[same].on_disk = True
+                continue
+            self.index.add(Checkpoint(self.index.new_id(), e.salt, e.tokens, digest(e.tokens), e.owner,
+                                      boundary=e.boundary, on_disk=True, last_used=e.mtime))
+
+    def _forget_gone(self) -> None:
+        """Checkpoints whose file the tier deleted to stay within its bytes: kept where they still are, else
+        forgotten."""
+        for e in self.disk.drain_gone() if self.disk is not None else ():
+            cid = self.index.duplicate(e.salt, e.tokens)
+            if cid is not None:
+                self.index.meta[cid].on_disk = False
+                if cid not in self.ledger.turns and not self.index.meta[cid].on_host:
+                    self._lost(cid)
+
+    def _restore_from_disk(self, cid) -> bool | None:
+        """Read a checkpoint back from disk to the device. None: the file is gone or did not check out (the
+        checkpoint is forgotten); False: no room on the device (it stays on disk)."""
+        ck = self.index.meta[cid]
+        host = self.disk.read(self._disk_name(ck), ck.salt, ck.tokens) if self.disk and ck.on_disk else None
+        if host is None:
+            ck.on_disk = False
+            self._lost(cid)
+            return None
+        try:
+            self.ledger, self.cache = self._with_eviction(
+                lambda: offload.from_host(self.ledger, self.cache, cid, host), keep={cid})
+        except OutOfCache:
+            return False
+        self.disk.count("disk_hits")
+        return True
+
+    def _disk_name(self, ck: Checkpoint) -> str:
+        return self.disk.name_for(ck.salt, ck.digest)
+
+    def _disk_entry(self, ck: Checkpoint):
+        from serving.disk_tier import DiskEntry
+        return DiskEntry(self._disk_name(ck), ck.salt, ck.tokens, ck.owner, ck.boundary)
+
+    def _state_bytes(self, length: int, padded: bool = False) -> int:
+        """Bytes of a checkpoint's blocks and slot (padded: with the copy's power-of-two block count)."""
+        n = len(offload._padded(range(L.blocks_for(length, self.block_size)))) if padded else \
+            L.blocks_for(length, self.block_size)
+        kv, m = self.cache.kv, self.cache.mamba
+        per_block = (kv.k.nbytes + kv.v.nbytes) // kv.k.shape[1]
+        return n * per_block + (m.conv.nbytes + m.ssm.nbytes) // m.conv.shape[1]
 
     def warmup(self) -> dict:
         """Compile the cache's own programs: tail-block and slot copies, and the host tier's moves for every
@@ -241,18 +357,24 @@ class CacheManager:
         zero = L._ids(0)
         self.cache = L._copy_block(self.cache, zero, zero)
         self.cache = L._copy_slot(self.cache, zero, zero)
-        n = 0
-        if self.host_cache_bytes:
-            width = 1
-            while True:
-                idx = np.zeros((width,), np.int32)
-                k, v, conv, ssm = offload._gather(self.cache, idx, 0)
-                self.cache = offload._scatter(self.cache, idx, 0, k, v, conv, ssm)
-                n += 2
-                if width >= self.table_width:
-                    break
-                width *= 2
+        self._warmed = True
+        n = self._warm_moves() if self.host_cache_bytes or self.disk is not None else 0
         return {"cache_programs": 2 + n}
+
+    def _warm_moves(self) -> int:
+        """Compile the host and disk tiers' copies (offload's gather and scatter) for every padded block count
+        up to a full-length sequence; they touch only the scratch block and slot. Returns how many."""
+        width, n = 1, 0
+        while True:
+            idx = np.zeros((width,), np.int32)
+            k, v, conv, ssm = offload._gather(self.cache, idx, 0)
+            self.cache = offload._scatter(self.cache, idx, 0, k, v, conv, ssm)
+            n += 2
+            if width >= self.table_width:
+                break
+            width *= 2
+        self._moves_warm = True
+        return n
 
     def stats(self) -> dict:
         led = self.ledger
@@ -260,4 +382,5 @@ class CacheManager:
         return dict(kv_blocks_total=nb, kv_blocks_used=nb - led.free_blocks, slots_total=ns,
                     slots_used=ns - led.free_slots, checkpoints=len(led.turns), host_checkpoints=len(self.host),
                     heads=len(self.index.heads),
-                    host_cache_bytes=self.host_bytes, cache_bytes=self.plan.total_bytes)
+                    host_cache_bytes=self.host_bytes, cache_bytes=self.plan.total_bytes,
+                    **(self.disk.stats() if self.disk is not None else DISK_STATS))

@@ -34,6 +34,7 @@ class Checkpoint:
     owner: tuple | None           # (cache_salt, conversation_id) that committed it; None: anonymous
     boundary: bool = False        # taken at a message boundary inside a prompt (intermediate)
     on_host: bool = False         # evicted to the host tier (its device blocks and slot are gone)
+    on_disk: bool = False         # a copy is stored (or queued) in the disk tier (serving/disk_tier.py)
     last_used: float = dataclasses.field(default_factory=time.time)  # wall clock, for the time-to-live
 
     @property

@@ -348,6 +348,8 @@ class Engine(EngineLoop):
         self._stop = True
         self._wake()
         self._thread.join(timeout=30)
+        if self.caches.disk is not None:
+            self.caches.disk.close()  # the queued write-behinds land before the process goes
         if self.conversations.journal is not None:
             self.conversations.journal.close()
 

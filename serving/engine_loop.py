@@ -88,12 +88,14 @@ class EngineLoop:
     def _recover(self, e: Exception):
         """A step failed: fail the requests of that step only (those it was building or running); requests of
         other steps go on. If the failure took the donated cache with it, start over with an empty cache and
-        requeue every other running request: it recomputes its tokens, and its output does not change."""
+        requeue every other running request: it recomputes its tokens, and its output does not change. The
+        checkpoints in the host and disk tiers stay; committed conversations whose state was on the device
+        recompute their next turn from their token ids."""
         log.exception("engine step failed")
         culprits, self._step_rows = list(self._step_rows or self.scheduler.running), []
+        lost = self._cache_lost()
         for req in culprits:
             self._finish(req, "error", ok=False, error=f"{type(e).__name__}: {e}")
-        lost = any(x.is_deleted() for x in jax.tree_util.tree_leaves(self.caches.cache))
         if self._inflight is not None:  # the previous decode step's tokens are lost with it: recompute them
             lost_rows, self._inflight = list(self._inflight[1]), None
             for r in lost_rows:
@@ -104,6 +106,18 @@ class EngineLoop:
             for r in list(self.scheduler.running):
                 self.scheduler.preempt(r, release=False)
             self.caches.reset()
+
+    def _cache_lost(self) -> bool:
+        """Whether the device cache went with a failed step: donated to it (deleted), or its output of a step
+        whose fault surfaces when it is read (poisoned)."""
+        leaves = jax.tree_util.tree_leaves(self.caches.cache)
+        if any(x.is_deleted() for x in leaves):
+            return True
+        try:
+            jax.block_until_ready(leaves)
+        except Exception:  # noqa: BLE001 (whatever the device raised, the buffers are unusable)
+            return True
+        return False
 
     def alive(self) -> bool:
         """Whether the loop thread runs (the server's /health answers 503 otherwise)."""
@@ -158,7 +172,7 @@ class EngineLoop:
             new = (out, {r: i for i, r in enumerate(reqs)})
         self._inflight = new
         if prev:
-            self._read(prev, ahead=new[1] if new else {})
+            self._read_step(prev, ahead=new[1] if new else {})
         if self.cache_mode == "align":
             for r in (new[1] if new else {}):
                 self._maybe_snapshot(r)
@@ -166,7 +180,14 @@ class EngineLoop:
     def _collect(self):
         if self._inflight:
             prev, self._inflight = self._inflight, None
-            self._read(prev, ahead={})
+            self._read_step(prev, ahead={})
+
+    def _read_step(self, step, ahead: dict):
+        """`_read`, with the step's rows as the culprits should it fail: a device fault surfaces when a step's
+        results are read, one step after its dispatch (`_recover`)."""
+        self._step_rows = list(step[1])
+        self._read(step, ahead)
+        self._step_rows = []
 
     def _read(self, step, ahead: dict):
         """Emit the tokens of a dispatched decode step. A row also in the step `ahead` (dispatched since) had

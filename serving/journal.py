@@ -8,8 +8,9 @@ state covers).
 
 Leases: a turn takes the conversation's lease in the database for `lease_ttl` seconds; a thread renews the leases
 of turns still in flight every `lease_ttl / 3` seconds, so a replica that dies holds its conversations for at most
-`lease_ttl`. Every method runs one transaction and is durable when it returns (a millisecond or so on SQLite with
-its fsync); they are called on the threads that need them (the request's, the engine loop's on settle).
+`lease_ttl` (less when another server of the same host sees its process gone: `reap_dead_leases`). Every method
+runs one transaction and is durable when it returns (a millisecond or so on SQLite with its fsync); they are
+called on the threads that need them (the request's, the engine loop's on settle).
 """
 from __future__ import annotations
 
@@ -79,14 +80,17 @@ class Journal:
         self.store.release_lease(key[0], key[1], self.owner)
 
     def _renew_loop(self):
+        """Every lease_ttl / 3: renew the leases of the turns in flight, and drop those of dead processes of this
+        host (a replica killed mid-turn)."""
         while not self._stop.wait(self.lease_ttl / 3):
             with self._lock:
                 keys = list(self._leased)
-            for key in keys:
-                try:
+            try:
+                for key in keys:
                     self.store.acquire_lease(key[0], key[1], self.owner, self.lease_ttl)
-                except Exception:  # noqa: BLE001 (a failed renewal is retried; the commit checks the lease)
-                    log.exception("could not renew the lease of a conversation")
+                reap_dead_leases(self.store)
+            except Exception:  # noqa: BLE001 (retried next time; a commit checks the lease)
+                log.exception("could not renew the leases of the conversations in flight")
 
     # ---------------------------------------------------------------- conversations
     def load(self, key) -> ConversationRecord | Tombstone | None:

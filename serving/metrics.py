@@ -47,6 +47,8 @@ _GAUGES = (
     ("heads", "conversation_heads", "Named conversations whose head checkpoint is cached."),
     ("cache_bytes", "cache_bytes", "Device bytes of the cache (KV blocks and Mamba state slots)."),
     ("host_cache_bytes", "host_cache_bytes", "Bytes of conversation state held in host memory."),
+    ("disk_checkpoints", "disk_checkpoints", "Checkpoints stored in the disk tier (--disk-cache-memory)."),
+    ("disk_bytes", "disk_cache_bytes", "Bytes of conversation state stored in the disk tier."),
 )
 # Counters: monotonic totals kept by the engine (exposed with the `_total` suffix).
 _COUNTERS = (
@@ -61,6 +63,12 @@ _COUNTERS = (
     ("evictions", "checkpoint_evictions", "Checkpoints evicted from the device cache to make room."),
     ("offloads", "checkpoint_offloads", "Evicted checkpoints moved to host memory."),
     ("host_restores", "checkpoint_host_restores", "Checkpoints brought back from host memory."),
+    ("disk_hits", "disk_hits", "Checkpoints read back from the disk tier."),
+    ("disk_writes", "disk_writes", "States written to the disk tier (spilled or written behind at commit)."),
+    ("disk_write_drops", "disk_write_drops", "Disk writes dropped: the bounded write queue was full, or a write "
+     "failed."),
+    ("disk_rejects", "disk_rejects", "Files in the disk tier that did not check out (torn, foreign, another "
+     "model setup): deleted, never loaded."),
     ("preemptions", "preemptions", "Running requests preempted (state released, recomputed later) for room."),
     ("requests_finished", "requests_finished", "Requests finished by the engine (any reason)."),
 )

@@ -74,6 +74,11 @@ class ResponsesStore:
     def __len__(self) -> int:
         return len(self._items)
 
+    def items(self) -> list[StoredResponse]:
+        """The stored responses, least recently used first."""
+        with self._lock:
+            return list(self._items.values())
+
     def add(self, rid: str, salt: str | None, response: dict, parent: StoredResponse | Segment | None,
             messages: list[dict]) -> StoredResponse | None:
         """Store a response whose own messages (input items and output) are `messages`, continuing `parent`.

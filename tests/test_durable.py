@@ -2,7 +2,8 @@
 --cache-dir), through SIGKILLs at random instants, and the tombstones of forgotten conversations.
 
 The crash test runs conversations that send only their new message, from several client threads, and kills the
-server at random instants (mid-stream, right after a turn, after a delete); after each restart every turn a
+server at random instants (mid-stream, right after a turn, after a delete, during a graceful stop's save, while
+states are written behind to disk); after each restart every turn a
 client received completely ([DONE]) is there, a turn whose stream broke before its last chunk is not, deleted
 conversations stay deleted, and the first turn of each conversation after the restart is exactly the answer a
 cache-less computation of the whole history gives. Its size: CRASH_CONVERSATIONS (default 8) and CRASH_KILLS
@@ -25,16 +26,16 @@ from test_server import COMMON, NAME, ServerProcess, assert_openai_error, server
 
 CONVERSATIONS = int(os.environ.get("CRASH_CONVERSATIONS", "8"))
 KILLS = int(os.environ.get("CRASH_KILLS", "4"))
+MAX_TURNS = 6      # a conversation this long is deleted and started anew (prompts stay within --max-model-len)
 _CHAT = "/v1/chat/completions"
 
 
-def _turn(http: httpx.Client, cid: str | None, messages: list[dict], salt: str, max_tokens: int) -> dict:
-    """One streamed turn: {"text", "done" (got [DONE]), "finished" (got the finish chunk), "status"}."""
-    body = {"model": NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "cache_salt": salt, **({"conversation_id": cid} if cid else {})}
-    out = {"text": "", "done": False, "finished": False, "status": None}
+def stream_turn(http: httpx.Client, body: dict, headers: dict | None = None) -> dict:
+    """POST one streamed chat completion and read what arrives until the stream ends or breaks: {"status", "text",
+    "done" (got [DONE]), "finished" (got the finish chunk), "usage", "error" (a non-200 body)}."""
+    out = {"status": None, "text": "", "done": False, "finished": False, "usage": None}
     try:
-        with http.stream("POST", _CHAT, json=body) as r:
+        with http.stream("POST", _CHAT, json={**body, "stream": True}, headers=headers) as r:
             out["status"] = r.status_code
             if r.status_code != 200:
                 out["error"] = r.read().decode()
@@ -45,6 +46,7 @@ def _turn(http: httpx.Client, cid: str | None, messages: list[dict], salt: str, 
                 elif line.startswith("data: "):
                     chunk = json.loads(line[6:])
                     assert "error" not in chunk, chunk
+                    out["usage"] = chunk.get("usage") or out["usage"]
                     for c in chunk["choices"]:
                         out["text"] += c["delta"].get("content") or ""
                         out["finished"] |= c.get("finish_reason") is not None
@@ -53,12 +55,26 @@ def _turn(http: httpx.Client, cid: str | None, messages: list[dict], salt: str, 
     return out
 
 
+def _turn(http: httpx.Client, cid: str | None, messages: list[dict], salt: str, max_tokens: int) -> dict:
+    return stream_turn(http, {"model": NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+                              "cache_salt": salt, **({"conversation_id": cid} if cid else {})})
+
+
 class Client:
     """One conversation as its client knows it: the messages it sent and the answers it received whole."""
 
     def __init__(self, i: int):
-        self.cid, self.history, self.deleted, self.uncertain = f"conv-{i}", [], False, None
+        self.i, self.gen, self.retired = i, 0, []
+        self.cid, self.history, self.deleted, self.uncertain = f"conv-{i}-0", [], False, None
         self.lock = threading.Lock()
+
+    def retire(self, http: httpx.Client):
+        """A long conversation is deleted (it must stay deleted) and the client starts a new one."""
+        r = http.delete(f"/v1/conversations/{self.cid}", headers={"X-Cache-Salt": "durable"})
+        assert r.status_code == 200, r.text
+        self.retired.append(self.cid)
+        self.gen += 1
+        self.cid, self.history = f"conv-{self.i}-{self.gen}", []
 
     def user(self, n: int) -> dict:
         return {"role": "user", "content": f"Turn {n} of {self.cid}: say something about {n * 7 % 13}."}
@@ -68,7 +84,8 @@ def _workload(srv: ServerProcess, clients: list[Client], stop: threading.Event, 
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         while not stop.is_set():
             c = rng.choice(clients)
-            if c.deleted or not c.lock.acquire(blocking=False):
+            if c.deleted or len(c.history) // 2 >= MAX_TURNS or not c.lock.acquire(blocking=False):
+                time.sleep(0.01)
                 continue
             try:
                 msg = c.user(len(c.history) // 2)
@@ -77,7 +94,7 @@ def _workload(srv: ServerProcess, clients: list[Client], stop: threading.Event, 
                     c.history += [msg, {"role": "assistant", "content": got["text"]}]
                 elif got["finished"]:  # all but [DONE]: committed or not, the server says which after restart
                     c.uncertain = [msg, {"role": "assistant", "content": got["text"]}]
-                elif got["status"] not in (None, 200, 409):
+                elif got["status"] not in (None, 200, 409, 503):  # 503: a graceful stop began
                     errors.append(got)
             finally:
                 c.lock.release()
@@ -86,9 +103,14 @@ def _workload(srv: ServerProcess, clients: list[Client], stop: threading.Event, 
 def _check_after_restart(srv: ServerProcess, clients: list[Client]):
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         for c in clients:
+            for cid in c.retired:
+                assert http.get(f"/v1/conversations/{cid}", headers={"X-Cache-Salt": "durable"}).status_code == 404
             r = http.get(f"/v1/conversations/{c.cid}", headers={"X-Cache-Salt": "durable"})
             if c.deleted or not c.history and c.uncertain is None:
                 assert r.status_code == 404, (c.cid, r.text)
+                continue
+            if r.status_code == 404 and not c.history:  # its first turn lost only its [DONE], not committed
+                c.uncertain = None
                 continue
             assert r.status_code == 200, (c.cid, r.text)
             turns = r.json()["turns"]
@@ -103,6 +125,8 @@ def _check_after_restart(srv: ServerProcess, clients: list[Client]):
             assert ours["done"] and ref["done"], (ours, ref)
             assert ours["text"] == ref["text"], (c.cid, ours["text"], ref["text"])
             c.history += [msg, {"role": "assistant", "content": ours["text"]}]
+            if len(c.history) // 2 >= MAX_TURNS:  # within --max-model-len
+                c.retire(http)
 
 
 def test_crash_keeps_every_settled_turn(workdir, server_env, tmp_path):
@@ -124,6 +148,9 @@ def test_crash_keeps_every_settled_turn(workdir, server_env, tmp_path):
                     r = http.delete(f"/v1/conversations/{victim.cid}", headers={"X-Cache-Salt": "durable"})
                     assert r.status_code in (200, 404), r.text
                     victim.deleted = True
+            if kill % 3 == 2:  # a graceful stop killed while it drains or saves the device states
+                srv.proc.send_signal(signal.SIGTERM)
+                time.sleep(rng.uniform(0.1, 1.5))
             srv.proc.send_signal(signal.SIGKILL)
             srv.proc.wait(30)
             stop.set()

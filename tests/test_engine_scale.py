@@ -171,12 +171,21 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_model_dir):
 @pytest.mark.parametrize("where", ["output", "step_losing_the_cache"])
 def test_a_failure_is_confined_to_its_request(tiny_model_dir, where):
     """A request that makes its step (or its output processing) fail fails alone: the streams running beside it
-    finish with the outputs of a clean run, also when the failed step took the donated cache with it."""
+    finish with the outputs of a clean run, also when the failed step took the donated cache with it; then a
+    conversation in the host tier still continues from its state, and one whose state was on the device
+    continues exactly, recomputed from its tokens."""
     prompts = _prompts(3, 21)
     clean = Engine.from_pretrained(tiny_model_dir)
     e = Engine.from_pretrained(tiny_model_dir)
     try:
         want = _run_concurrently(clean, prompts, max_tokens=40, temperature=0, ignore_eos=True)
+        turn = dict(cache_salt="t", max_tokens=4, temperature=0)
+        for engine in (clean, e):
+            for cid, last in (("on-host", 8), ("on-device", 9)):
+                engine.complete([5, 6, 7, last], conversation_id=cid, **turn)
+        e._call(lambda: e.caches.evict_one(keep=set(e.caches.index.heads.values()) - {
+            e.caches.index.heads[("t", "on-host")]}))
+        assert e.stats()["host_checkpoints"] == 1
         handles = [e.complete_stream(p, max_tokens=40, temperature=0, ignore_eos=True) for p in prompts]
         for h in handles:
             next(iter(h))  # all three are decoding
@@ -199,6 +208,12 @@ def test_a_failure_is_confined_to_its_request(tiny_model_dir, where):
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert all(g.finish_reason == "length" for g in got)
         L.check(e.ledger)
+        lost = where == "step_losing_the_cache"
+        for cid in ("on-host", "on-device"):
+            ref, got = (x.complete([9, 10], conversation_id=cid, **turn) for x in (clean, e))
+            assert got.token_ids == ref.token_ids and got.prompt_tokens == ref.prompt_tokens, cid
+            assert got.cached_tokens == (0 if lost and cid == "on-device" else ref.cached_tokens), cid
+        assert e.stats()["host_restores"] == 1
     finally:
         clean.shutdown()
         e.shutdown()

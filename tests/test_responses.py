@@ -28,6 +28,7 @@ from openai.types.responses import (Response, ResponseCompletedEvent, ResponseCo
 
 import test_server
 from serving.responses_store import FILENAME, ResponsesStore, Segment
+from serving.store import StateStore
 from test_server import COMMON, KEY, NAME, ServerProcess, assert_openai_error
 
 MAX_OUT = 24
@@ -446,7 +447,7 @@ def test_other_errors_and_accepted_fields(server):
 
 
 # --------------------------------------------------------------------------------------------------
-# Durability: stored responses across a graceful restart with --cache-dir (keep these last: they restart the
+# Durability: stored responses across a crash with --cache-dir (in its state database) (keep these last: they restart the
 # module's server)
 # --------------------------------------------------------------------------------------------------
 
@@ -456,11 +457,13 @@ def test_restart_keeps_stored_responses(server, cache_dir):
     gone = create(client, "Say hello.", salt="tenant-d")
     client.responses.delete(gone.id, extra_query={"cache_salt": "tenant-d"})
     unstored = create(client, "Say hello.", salt="tenant-d", store=False)
-    assert server.stop(signal.SIGTERM) == 0, server.log_tail()
-    path = cache_dir / FILENAME
+    server.stop(signal.SIGKILL)  # stored in the state database before they were answered: a crash keeps them
+    path = cache_dir / "state.db"
     assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
-    saved = path.read_text()
-    assert responses[-1].id in saved and gone.id not in saved and unstored.id not in saved
+    with StateStore.open(str(cache_dir)) as db:
+        assert db.get_response(responses[-1].id, touch=False) is not None
+        assert db.get_response(gone.id, touch=False) is None and db.get_response(unstored.id, touch=False) is None
+    assert not (cache_dir / FILENAME).exists()
     server.start()
     client = server.client(KEY)
     got = client.responses.retrieve(responses[-1].id, extra_query={"cache_salt": "tenant-d"})

@@ -11,6 +11,7 @@ import pytest
 
 from hybrid_jax import ledger as L
 from serving import Engine
+from serving.errors import ConversationExpired
 
 
 def _contents(engine, cid):
@@ -150,7 +151,8 @@ def test_idle_conversations_and_checkpoints_expire(tiny_model_dir):
         assert len(e.conversations.items()) <= 3  # the bound, before any time-to-live passed
         time.sleep(1.0)
         assert e.conversations.items() == [] and e.stats()["checkpoints"] == 0
-        assert e.get_conversation("c5", "ttl") is None
+        with pytest.raises(ConversationExpired, match="conversation-ttl"):  # a tombstone says why it is gone
+            e.get_conversation("c5", "ttl")
         assert e.stats()["conversations_expired"] == 6
         L.check(e.ledger)
     finally:
