@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 
@@ -211,11 +212,30 @@ def _compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening: connections are refused until the engine is ready), so a
+    port in use is said before anything is loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     log = logging.getLogger("serving")
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        log.error("cannot start: cannot listen on %s:%d: %s", args.host, args.port, e.strerror or e)
+        return 2
 
     _compilation_cache(args.compilation_cache_dir)
     import uvicorn
@@ -339,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = 0
     try:
-        server.run()
+        server.run(sockets=[sock])
         if not server.started:
             rc = 1
     finally:

@@ -19,6 +19,7 @@ from hybrid_jax.sharding import replicated_sharding
 from serving.adjust import AdjustBuilder
 
 log = logging.getLogger("serving.runner")
+WARMUP_LOG_EVERY_S = 5.0  # how often a warm-up says in the log how far it got (any stdout: a file, a pipe)
 PREFILL_TOKENS_MIN = 16
 
 
@@ -139,12 +140,13 @@ class ModelRunner:
         return out
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, progress: bool = True) -> dict:
-        """Compile every step shape (on scratch rows: slot 0, block 0, length 0). Returns counts and seconds."""
+    def warmup(self, progress: bool = True, log_every: float = WARMUP_LOG_EVERY_S) -> dict:
+        """Compile every step shape (on scratch rows: slot 0, block 0, length 0). Returns counts and seconds.
+        progress: a bar on the terminal; the log says how far it got every `log_every` seconds in any case."""
         shapes = self.shapes()
-        t0 = time.perf_counter()
+        t0 = last = time.perf_counter()
         bar = _progress(len(shapes), progress)
-        for kind, rows, T, width in shapes:
+        for done, (kind, rows, T, width) in enumerate(shapes, 1):
             ints = np.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + width), np.int32)
             ints[:, T + NUM_STOP + INT_FIELDS.index("src")] = -1
             floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
@@ -156,6 +158,10 @@ class ModelRunner:
                 out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
             jax.block_until_ready(out.token)
             bar.update(1)
+            now = time.perf_counter()
+            if now - last >= log_every and done < len(shapes):
+                log.info("warm-up: %d/%d step programs compiled (%.0fs)", done, len(shapes), now - t0)
+                last = now
         bar.close()
         secs = time.perf_counter() - t0
         log.info("warm-up: %d step programs ready in %.1fs", len(shapes), secs)

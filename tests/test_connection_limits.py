@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -283,3 +285,16 @@ def test_connections_beyond_the_cap_get_503_and_the_server_serves_again(srv):
     with _http(srv) as http:
         assert http.get("/health").status_code == 200
         assert http.get("/v1/models", headers=[AUTH]).status_code == 200
+
+
+def test_port_in_use_is_refused_before_loading(server_env):
+    """The port is bound before the model loads: one in use is said at once, not after minutes of warm-up."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port)],
+                           env=server_env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in p.stderr and "in use" in p.stderr, p.stderr[-2000:]
+    assert " loading " not in p.stderr  # nothing was loaded
