@@ -66,6 +66,8 @@ __all__ = [
 
 SUPPORTED_MODEL_TYPES = ("nemotron_h", "granitemoehybrid", "bamba")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1000**3  # "2GB" in the Hugging Face sense
+TOKENIZER_MARKER = "byte_tokenizer.json"
+BYTE_VOCAB = 264  # the ids of serving's byte-level tokenizer (serving/tokenizer.py ByteTokenizer)
 _CHUNK_ELEMS = 1 << 22  # values generated per numpy call (16 MiB of float32)
 
 # safetensors dtype tag, bytes per element, numpy dtype of the stored bits
@@ -583,7 +585,9 @@ def _parse_size(s: str | int) -> int:
 def write_random_checkpoint(config: dict, out_dir, dtype: str = "bfloat16", seed: int = 0, init_std: float = 0.02,
                             *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, num_layers: int | None = None,
                             cover_kinds: bool = False) -> str:
-    """Write ``out_dir/config.json`` and random weights in the real checkpoint layout; return ``out_dir``.
+    """Write ``out_dir/config.json`` and random weights in the real checkpoint layout, and (unless out_dir has a
+    tokenizer.json, or the vocabulary is smaller) a ``byte_tokenizer.json`` marker: serving's byte-level
+    tokenizer, ids 0-263, so the checkpoint serves as written; return ``out_dir``.
 
     ``config`` is a config.json dict (not modified). ``dtype`` is the storage dtype (bfloat16,
     float32 or float16; also recorded as ``torch_dtype`` in the written config). Tensors
@@ -610,6 +614,9 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str = "bfloat16", seed
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
+    if int(cfg.get("vocab_size", 0)) >= BYTE_VOCAB and not os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        with open(os.path.join(out_dir, TOKENIZER_MARKER), "w") as f:  # serving reads its byte-level tokenizer
+            f.write('{"type": "byte"}\n')
 
     total = sum(s.numel * _spec_itemsize(s, dtype) for s in specs)
     shards = _shard_plan(specs, dtype, max_shard_bytes)

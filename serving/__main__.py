@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the parameters and the cache over N local devices (attention and Mamba by heads, "
                         "MLPs and experts by their inner dimension; docs/tensor_parallel.md). On CPU, N host "
                         "devices need XLA_FLAGS=--xla_force_host_platform_device_count=N (default: 1)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory (tokenizer.json and tokenizer_config.json, or a byte_tokenizer.json "
+                        "marker) replacing the model's (default: the --model directory)")
     p.add_argument("--chat-template", default=None, metavar="PATH_OR_TEMPLATE",
                    help="chat template replacing the model's: a jinja file or the template itself (default: the "
                         "checkpoint's own)")
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         max_prefill_tokens=args.max_prefill_tokens, max_num_batched_tokens=args.max_num_batched_tokens,
         host_cache_memory=args.host_cache_memory, tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype, served_model_name=args.served_model_name,
-        chat_template=args.chat_template, generation_config=args.generation_config,
+        chat_template=args.chat_template, generation_config=args.generation_config, tokenizer=args.tokenizer,
         conversation_ttl=args.conversation_ttl,
         max_conversations=args.max_conversations).items() if v is not None}
     if args.cache_dir:

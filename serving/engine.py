@@ -181,14 +181,20 @@ class Engine(EngineLoop):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, dtype: str = "auto", served_model_name=None,
-                        chat_template: str | None = None, generation_config: str | None = "auto", **kw):
-        """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models); chat_template (a
-        jinja file or the template itself) replaces the checkpoint's; generation_config ("auto": the
-        checkpoint's generation_config.json, "vllm": none, or a directory) gives the sampling defaults."""
+                        chat_template: str | None = None, generation_config: str | None = "auto",
+                        tokenizer: str | None = None, **kw):
+        """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models); tokenizer (a
+        directory) replaces the checkpoint's, read before any weight; chat_template (a jinja file or the template
+        itself) replaces the checkpoint's; generation_config ("auto": the checkpoint's generation_config.json,
+        "vllm": none, or a directory) gives the sampling defaults."""
         model_dir = path or DEFAULT_MODEL_DIR
         tp = int(kw.get("tensor_parallel_size", 1))  # > 1: read to the host, sharded in __init__
+        try:
+            tok = load_tokenizer(tokenizer or model_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; give the model directory its tokenizer (tokenizer.json and "
+                                    "tokenizer_config.json) or pass --tokenizer DIR") from None
         cfg, params = hybrid_jax.load_pretrained(model_dir, dtype=dtype, stacked=True, on_host=tp > 1)
-        tok = load_tokenizer(model_dir)
         if chat_template is not None:  # a jinja file or the template itself
             tok.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
         name = served_model_name or (os.path.basename(os.path.normpath(path)) if path else "hybrid-tiny-default")

@@ -194,7 +194,7 @@ def test_real_width_truncated_granite_written(tmp_path):
     cfg = _cfg("granite-4.0-h-micro")
     out = rc.write_random_checkpoint(cfg, tmp_path / "g", dtype="bfloat16", num_layers=2, cover_kinds=True)
     files = sorted(os.listdir(out))
-    assert files == ["config.json", "model.safetensors"]
+    assert files == ["byte_tokenizer.json", "config.json", "model.safetensors"]
     size = os.path.getsize(os.path.join(out, "model.safetensors"))
     assert size < 1_000_000_000
     written = rc.load_config(out)
@@ -232,7 +232,7 @@ def test_tiny_config_shape():
 def test_tiny_loads_in_transformers_exact_values(tmp_path):
     cfg = rc.load_config(TINY)
     out = rc.write_random_checkpoint(cfg, tmp_path / "tiny", dtype="float32", seed=7)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["byte_tokenizer.json", "config.json", "model.safetensors"]
     model = _load(out)
     sd = model.state_dict()
     for spec in rc.plan_checkpoint(cfg):
@@ -359,3 +359,27 @@ def test_cli(tmp_path):
     bad.write_text(json.dumps({**rc.load_config(TINY), "hybrid_override_pattern": "ME", "num_hidden_layers": 2}))
     assert rc.main(["--config", str(bad), "--out", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_written_checkpoint_serves_as_written(tmp_path):
+    """The engine serves a written checkpoint with no manual step (its byte-level tokenizer marker), a 3-turn
+    conversation each turn attaching the last; without a tokenizer, the error names the fix before any weight is
+    read (the weights here are not even readable)."""
+    from serving import Engine
+
+    out = rc.write_random_checkpoint(rc.load_config(TINY), tmp_path / "tiny", dtype="float32", seed=7)
+    e = Engine.from_pretrained(out, max_model_len=256, max_num_seqs=2)
+    try:
+        committed = 0
+        for text in ("My name is Marcus.", "Do you like tea?", "What is my name?"):
+            r = e.chat([{"role": "user", "content": text}], conversation_id="c", max_tokens=4, temperature=0)
+            assert r.finish_reason in ("stop", "length") and r.cached_tokens == committed
+            committed = e.get_conversation("c", None)["cached_tokens"]
+            assert committed >= r.prompt_tokens
+    finally:
+        e.shutdown()
+    os.remove(os.path.join(out, "byte_tokenizer.json"))
+    with open(os.path.join(out, "model.safetensors"), "r+b") as f:
+        f.truncate(16)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json.*--tokenizer DIR"):
+        Engine.from_pretrained(out)
