@@ -17,21 +17,18 @@ passes through float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # also registers "bfloat16" with numpy, which safetensors' numpy backend needs for BF16
 import numpy as np
-from safetensors import safe_open
 
 from hybrid_jax.config import ConfigError, ModelConfig, from_hf
-
-
-class CheckpointError(ValueError):
-    """The checkpoint directory is missing files or holds weights that do not fit the config."""
+from hybrid_jax.stack import KINDS
+from hybrid_jax.weights_file import CheckpointError, Weights, read_raw_tensor, release_freed_memory
 
 
 def read_config(path: str) -> dict:
@@ -40,68 +37,6 @@ def read_config(path: str) -> dict:
         raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
     with open(cfg_path) as f:
         return json.load(f)
-
-
-class _Weights:
-    """Lazy name -> numpy array over one or many safetensors files."""
-
-    def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif os.path.isfile(single):
-            files = ["model.safetensors"]
-        else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-        self._where: dict[str, str] = {}
-        for fn in files:
-            full = os.path.join(path, fn)
-            if not os.path.isfile(full):
-                raise FileNotFoundError(f"checkpoint shard {full!r} named in the index is missing")
-            with safe_open(full, "numpy") as f:
-                for k in f.keys():
-                    self._where[k] = full
-        self._open: dict[str, object] = {}
-
-    def keys(self):
-        return self._where.keys()
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise CheckpointError(f"weight {name!r} is missing from the checkpoint")
-        fn = self._where[name]
-        if fn not in self._open:
-            self._open[fn] = safe_open(fn, "numpy").__enter__()
-        try:
-            return self._open[fn].get_tensor(name)
-        except (TypeError, ValueError):  # a safetensors numpy backend that cannot read the dtype (old: BF16)
-            return read_raw_tensor(fn, name)
-
-
-# safetensors dtype -> numpy dtype, for read_raw_tensor
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_raw_tensor(filename: str, name: str) -> np.ndarray:
-    """One tensor of a safetensors file read from the file format itself (8-byte little-endian header length,
-    JSON header, raw little-endian data): bfloat16 comes back as ml_dtypes.bfloat16 whatever safetensors does."""
-    with open(filename, "rb") as f:
-        (n,) = np.frombuffer(f.read(8), "<u8")
-        header = json.loads(f.read(int(n)))
-        if name not in header:
-            raise CheckpointError(f"weight {name!r} is missing from {filename!r}")
-        info = header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"weight {name!r} has dtype {info['dtype']}, which this loader cannot read")
-        begin, end = info["data_offsets"]
-        f.seek(8 + int(n) + begin)
-        data = f.read(end - begin)
-    dt = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
-    return np.frombuffer(data, dt).astype(dt.newbyteorder("="), copy=False).reshape(info["shape"])
 
 
 FINAL_NORM = {"nemotron_h": "norm_f.weight", "granitemoehybrid": "norm.weight", "bamba": "final_layernorm.weight"}
@@ -114,7 +49,7 @@ def top_level_names(cfg: ModelConfig) -> tuple[str, str]:
     return "model.embed_tokens.weight", "model." + FINAL_NORM[cfg.family]
 
 
-def _prefix(weights: _Weights, cfg: ModelConfig) -> str:
+def _prefix(weights: Weights, cfg: ModelConfig) -> str:
     if cfg.family == "nemotron_h":
         for p in ("backbone.", "model."):
             if p + "embeddings.weight" in weights.keys() or p + "embed_tokens.weight" in weights.keys():
@@ -309,57 +244,99 @@ def resolve_dtype(cfg: ModelConfig, dtype="auto") -> jnp.dtype:
                       f"float32, bfloat16, float16")
 
 
+def _layer_readers(w: Weights, cfg: ModelConfig, kind: str, names: dict, keys: set, convert) -> dict:
+    """{our name: a function reading that parameter of one sublayer, in our layout and dtype}; nothing is read
+    yet. convert(a, our name, expected shape, checkpoint name) checks the shape and casts."""
+    shapes = expected_shapes(cfg, kind)
+    out = {}
+    for ours, theirs in names.items():
+        if ours == "gate_up":  # Granite fuses [gate; up] along the output dim
+            def half(theirs=theirs, which=0):
+                a = w.get(theirs)
+                if a.shape != (2 * cfg.intermediate_size, cfg.hidden_size):
+                    raise CheckpointError(f"weight {theirs!r} has shape {tuple(a.shape)}, expected "
+                                          f"{(2 * cfg.intermediate_size, cfg.hidden_size)}")
+                part = a[cfg.intermediate_size:] if which else a[:cfg.intermediate_size]
+                name = ("gate", "up")[which]
+                return convert(part.T, name, shapes[name], theirs)
+            out["gate"], out["up"] = half, functools.partial(half, which=1)
+            continue
+        if ours in _OPTIONAL and theirs not in keys:
+            continue
+
+        def read(ours=ours, theirs=theirs):
+            a, where = read_spec(w, theirs, keys)
+            return convert(_to_ours(ours, a), ours, shapes[ours], where)
+        out[ours] = read
+    return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked_LX, j, x_X):
+    """stacked_LX with layer j replaced by x_X; donates stacked_LX (updated in place)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked_LX, x_X.astype(stacked_LX.dtype), j, 0)
+
+
+def _stacked(readers: list[dict], name: str, on_host: bool):
+    """One stacked parameter [layers of a kind, ...], filled one layer at a time (a bias a layer lacks: zeros):
+    on the device (never a host copy of the whole stack), or with on_host a numpy array."""
+    out = None
+    for j, r in enumerate(readers):
+        if name in r:
+            a = r[name]()
+            if out is None:
+                shape = (len(readers),) + a.shape
+                out = np.zeros(shape, a.dtype) if on_host else jnp.zeros(shape, a.dtype)
+            if on_host:
+                out[j] = a
+            else:
+                out = jax.block_until_ready(_set_layer(out, j, a))
+            del a
+            release_freed_memory()  # the layer's host copy, before the next is read
+    return out
+
+
 def load_params(path: str, cfg: ModelConfig, dtype="auto", stacked: bool = False, on_host: bool = False) -> dict:
-    """Params of the checkpoint at path for cfg. dtype: see resolve_dtype. stacked: return the stacked layer form
-    of hybrid_jax.stack.stack_layers, built from host arrays before anything reaches the device. on_host (with
-    stacked): return those numpy arrays, for a caller that places them itself (tensor parallel sharding)."""
+    """Params of the checkpoint at path for cfg. dtype: see resolve_dtype. stacked: the stacked layer form of
+    hybrid_jax.stack.stack_layers, each stacked parameter filled on the device one layer at a time (host memory
+    while loading: what the device holds plus one tensor). on_host (with stacked): numpy arrays instead, for a
+    caller that places them itself (tensor parallel sharding)."""
     dtype = resolve_dtype(cfg, dtype)
-    w = _Weights(path)
+    w = Weights(path)
     pre = _prefix(w, cfg)
     keys = set(w.keys())
+    # device_put, not jnp.asarray: the latter copies a numpy array on the host first (a second transient copy)
+    place = (lambda a: a) if on_host and stacked else jax.device_put
 
-    def put(a: np.ndarray, name: str, shape: tuple[int, ...], where: str):
+    def convert(a: np.ndarray, name: str, shape: tuple[int, ...], where: str) -> np.ndarray:
         if tuple(a.shape) != tuple(shape):
             raise CheckpointError(f"weight {where!r} has shape {tuple(a.shape)}, expected {tuple(shape)} "
                                   f"(our layout {name})")
         # Mamba A_log, D, dt_bias (and the router bias) stay float32.
         dt = np.dtype(jnp.float32 if name in FLOAT32_PARAMS else dtype)
-        if a.dtype != dt:
-            a = a.astype(dt)
-        # Host array in stacked mode (stacked below, then transferred); else straight to the device, one at a time.
-        return a if stacked else jnp.asarray(a)
+        return a.astype(dt) if a.dtype != dt else a
 
-    layers = []
-    for kind, names in zip(cfg.sublayers, sublayer_sources(cfg, pre)):
-        shapes = expected_shapes(cfg, kind)
-        p = {}
-        for ours, theirs in names.items():
-            if ours == "gate_up":  # Granite fuses [gate; up] along the output dim
-                a = w.get(theirs)
-                if a.shape != (2 * cfg.intermediate_size, cfg.hidden_size):
-                    raise CheckpointError(f"weight {theirs!r} has shape {tuple(a.shape)}, expected "
-                                          f"{(2 * cfg.intermediate_size, cfg.hidden_size)}")
-                p["gate"] = put(a[:cfg.intermediate_size].T, "gate", shapes["gate"], theirs)
-                p["up"] = put(a[cfg.intermediate_size:].T, "up", shapes["up"], theirs)
-                continue
-            if ours in _OPTIONAL and theirs not in keys:
-                continue
-            a, where = read_spec(w, theirs, keys)
-            p[ours] = put(_to_ours(ours, a), ours, shapes[ours], where)
-        layers.append(p)
     V, D = cfg.vocab_size, cfg.hidden_size
     embed_name = pre + ("embeddings.weight" if pre + "embeddings.weight" in keys else "embed_tokens.weight")
     final = pre + FINAL_NORM[cfg.family]
-    params = {"embed": put(w.get(embed_name), "embed", (V, D), embed_name),
-              "final_norm": put(w.get(final), "final_norm", (D,), final), "layers": layers}
+    top = [("embed", embed_name, (V, D)), ("final_norm", final, (D,))]
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = put(w.get("lm_head.weight"), "lm_head", (V, D), "lm_head.weight")
+        top.append(("lm_head", "lm_head.weight", (V, D)))
+    # The largest single tensors first, while the device holds little.
+    params = {ours: place(convert(w.get(theirs), ours, shape, theirs)) for ours, theirs, shape in top}
+    readers = [_layer_readers(w, cfg, kind, names, keys, convert)
+               for kind, names in zip(cfg.sublayers, sublayer_sources(cfg, pre))]
     if not stacked:
+        params["layers"] = [{ours: place(read()) for ours, read in r.items()} for r in readers]
         return params
-    from hybrid_jax.stack import stack_layers
-    host = stack_layers(params, cfg, xp=np)
-    del params, layers  # the host list form goes; only the stacked copy is transferred
-    return host if on_host else jax.tree.map(jnp.asarray, host)
+    params["stack"] = {}
+    for kind in KINDS:
+        group = [r for k, r in zip(cfg.sublayers, readers) if k == kind]
+        if group:
+            params["stack"][kind] = {}
+            for n in sorted(set().union(*group)):
+                params["stack"][kind][n] = _stacked(group, n, on_host)
+    return params
 
 
 def load_pretrained(path: str, dtype="auto", stacked: bool = False,

@@ -147,10 +147,7 @@ class ModelRunner:
         t0 = last = time.perf_counter()
         bar = _progress(len(shapes), progress)
         for done, (kind, rows, T, width) in enumerate(shapes, 1):
-            ints = np.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + width), np.int32)
-            ints[:, T + NUM_STOP + INT_FIELDS.index("src")] = -1
-            floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
-            masks, bias = self._adjust(rows, [], [])
+            ints, floats, masks, bias = self._scratch(rows, T, width)
             if kind == "decode":
                 out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, masks, bias,
                                                       self._no_prev)
@@ -166,6 +163,22 @@ class ModelRunner:
         secs = time.perf_counter() - t0
         log.info("warm-up: %d step programs ready in %.1fs", len(shapes), secs)
         return {"programs": len(shapes), "seconds": secs}
+
+
+    def _scratch(self, rows: int, T: int, width: int):
+        """(ints, floats, masks, bias) of a step on scratch rows (slot 0, block 0, length 0): what warm-up runs."""
+        ints = np.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + width), np.int32)
+        ints[:, T + NUM_STOP + INT_FIELDS.index("src")] = -1
+        floats = np.zeros((rows, len(FLOAT_FIELDS)), np.float32)
+        masks, bias = self._adjust(rows, [], [])
+        return ints, floats, masks, bias
+
+    def lowered(self, kind: str, rows: int, T: int, width: int):
+        """The step program of one of `shapes()`, lowered (jax's Lowered: as_text, compile), not run."""
+        ints, floats, masks, bias = self._scratch(rows, T, width)
+        if kind == "decode":
+            return self._decode.lower(self.params, self.caches.cache, ints, floats, masks, bias, self._no_prev)
+        return self._prefill.lower(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
 
 
 def _seed(r) -> int:

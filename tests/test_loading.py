@@ -1,0 +1,88 @@
+"""Loading and compiling do not grow with the weights: host memory while loading stays within 1.3x the
+checkpoint's bytes (one tensor read at a time, stacked parameters moved to the device one by one), and the step
+programs of two checkpoints of the same layer pattern, 14x apart in weights, are the same program (parameters
+are arguments, never constants), so their compile time cannot depend on the parameter bytes."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+
+from hybrid_jax import random_checkpoint as rc
+from serving import Engine
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
+                    "tiny-nemotron-h.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _widened(k: int, repeat: int = 1) -> dict:
+    """The tiny NemotronH (pattern M-M*-M-, `repeat` times over) with every width k times larger: about k^2
+    times the weights."""
+    cfg = rc.load_config(TINY)
+    cfg.update(hidden_size=128 * k, intermediate_size=256 * k, mamba_num_heads=8 * k, num_attention_heads=4 * k,
+               num_key_value_heads=2 * k, hybrid_override_pattern=cfg["hybrid_override_pattern"] * repeat,
+               num_hidden_layers=cfg["num_hidden_layers"] * repeat)
+    return cfg
+
+
+def _checkpoint_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+_PEAK = """
+import os, resource, sys
+import jax, jax.numpy as jnp
+import hybrid_jax
+jax.block_until_ready(jnp.ones(4) + 1)  # the runtime's own memory, before loading
+base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+cfg, params = hybrid_jax.load_pretrained(sys.argv[1], stacked=True)
+jax.block_until_ready(params)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+"""
+
+
+def test_peak_host_memory_while_loading_is_within_1_3x_the_checkpoint(tmp_path):
+    # 28 layers, as real checkpoints have tens: the largest tensor is 2% of the checkpoint
+    out = rc.write_random_checkpoint(_widened(6, repeat=4), tmp_path / "w6", dtype="float32", seed=1)
+    size = _checkpoint_bytes(out)
+    assert size > 200 << 20
+    p = subprocess.run([sys.executable, "-c", _PEAK, out], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    peak = int(p.stdout.split()[-1])
+    print(f"\n[loading] {size >> 20} MiB checkpoint: peak {peak >> 20} MiB above the runtime ({peak / size:.2f}x)")
+    assert peak <= 1.3 * size, (peak, size)
+
+
+def _programs(path: str) -> dict[tuple, str]:
+    """The engine's first decode and prefill step programs for the checkpoint at path, as text with every number
+    replaced (shapes differ between widths; nothing else may)."""
+    e = Engine.from_pretrained(path, max_model_len=256, max_num_seqs=2)
+    try:
+        shapes = e.runner.shapes()
+        picked = [next(s for s in shapes if s[0] == kind) for kind in ("decode", "prefill")]
+        texts = {}
+        for shape in picked:
+            lowered = e._call(lambda shape=shape: e.runner.lowered(*shape))
+            text = lowered.as_text()
+            assert "dense_resource" not in text  # no array baked into the program
+            n_args = len(jax.tree_util.tree_leaves(lowered.args_info))
+            assert n_args >= len(jax.tree_util.tree_leaves(e.params))  # every parameter is an argument
+            texts[shape] = re.sub(r"\d+", "N", text)
+        return texts
+    finally:
+        e.shutdown()
+
+
+def test_step_programs_are_the_same_whatever_the_weights(tmp_path):
+    small = rc.write_random_checkpoint(_widened(1), tmp_path / "w1", dtype="float32", seed=1)
+    large = rc.write_random_checkpoint(_widened(4), tmp_path / "w4", dtype="float32", seed=1)
+    assert _checkpoint_bytes(large) >= 10 * _checkpoint_bytes(small)
+    a, b = _programs(small), _programs(large)
+    assert list(a) == list(b)
+    for shape in a:
+        assert a[shape] == b[shape], shape
