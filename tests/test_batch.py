@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,39 @@ def test_rerun_skips_done_and_resumes(batch_run):
         engine.shutdown()
     u2 = new[_cid("conv-c", 2)]["response"]["body"]["usage"]
     assert u2["prompt_tokens_details"]["cached_tokens"] > 0  # after the resumed turn, the cache is used again
+
+
+# ------------------------------------------------------------------------------------------------------------
+# README's example, as written
+# ------------------------------------------------------------------------------------------------------------
+
+def _shown(expected, actual, path="") -> list[str]:
+    """Where `actual` differs from what README shows: README elides values ("batch_req_...": any value with that
+    prefix) and the rest of an object (", ..."); everything it does show must be there."""
+    if isinstance(expected, dict):
+        return [m for k, v in expected.items() for m in
+                ([f"{path}.{k} missing"] if k not in actual else _shown(v, actual[k], f"{path}.{k}"))]
+    if isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            return [f"{path}: {actual!r}"]
+        return [m for i, (e, a) in enumerate(zip(expected, actual)) for m in _shown(e, a, f"{path}[{i}]")]
+    if isinstance(expected, str) and expected.endswith("..."):
+        return [] if str(actual).startswith(expected[:-3]) else [f"{path}: {actual!r}"]
+    return [] if expected == actual else [f"{path}: README shows {expected!r}, the run gives {actual!r}"]
+
+
+def test_readme_example_runs_as_written(tmp_path):
+    """README's requests.jsonl, run with README's command on the embedded default model, gives the output line
+    README shows."""
+    section = (ROOT / "README.md").read_text().split("## Offline batches", 1)[1].split("\n## ", 1)[0]
+    command, requests, shown = re.findall(r"```\w*\n(.*?)```", section, re.S)[:3]
+    (tmp_path / "requests.jsonl").write_text(requests)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = command.split()
+    assert argv[:3] == ["python", "-m", "serving.batch"]
+    p = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    expected = json.loads(shown.strip().replace(", ...}", "}"))
+    got = _by_id(_read(tmp_path / "results.jsonl"))[expected["custom_id"]]
+    assert _shown(expected, got) == []
