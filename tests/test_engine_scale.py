@@ -129,6 +129,39 @@ def test_nothing_compiles_after_warmup(tiny_model_dir, caplog):
         e.shutdown()
 
 
+def test_a_fault_read_a_step_later_fails_only_that_steps_rows(tiny_model_dir):
+    """A device fault that surfaces only when a decode step's results are read (a step after its dispatch, as
+    asynchronous dispatch reports it) fails the rows of that step alone: a request still prefilling beside them
+    finishes exactly as in a clean run, and the engine keeps serving."""
+    long_prompt = np.random.RandomState(5).randint(0, 256, 300).tolist()
+    clean = Engine.from_pretrained(tiny_model_dir, max_prefill_tokens=16)
+    e = Engine.from_pretrained(tiny_model_dir, max_prefill_tokens=16)
+    try:
+        want = clean.complete(long_prompt, max_tokens=8, temperature=0)
+        victim = e.complete_stream([1, 2, 3], max_tokens=400, temperature=0, ignore_eos=True)
+        next(iter(victim))  # decoding
+        real, armed = e.runner.decode, [True]
+
+        def decode(reqs, *a, **kw):
+            out = real(reqs, *a, **kw)
+            if armed[0] and any(r.in_prefill for r in e.scheduler.running):  # the bystander is prefilling
+                armed[0] = False
+                dead = jnp.zeros_like(out.logprob)
+                dead.delete()
+                out = out.replace(logprob=dead)  # dispatched fine; reading its results fails
+            return out
+        e.runner.decode = decode
+        bystander = e.complete_stream(long_prompt, max_tokens=8, temperature=0)
+        got, lost = bystander.result(timeout=120), victim.result(timeout=120)
+        assert not armed[0] and lost.finish_reason == "error", lost
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason, got
+        assert e.complete([4, 5, 6], max_tokens=4, temperature=0).finish_reason in ("stop", "length")
+        L.check(e.ledger)
+    finally:
+        clean.shutdown()
+        e.shutdown()
+
+
 def test_preemption_gives_the_unpressured_outputs(tiny_model_dir):
     prompts = _prompts(6, 7)
     kw = dict(max_model_len=512, max_num_seqs=6, max_prefill_tokens=64)
