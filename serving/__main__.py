@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(even after a crash) resumes them without recompute (0: off; default: 8GiB)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="parameter and cache dtype. auto: the checkpoint's torch_dtype from its config.json "
-                        "(bfloat16 for the released models; float32 if it names none). The Mamba SSM state and "
-                        "A_log, D, dt_bias stay float32 (default: auto)")
+                        "(bfloat16 for the released models; float32 if it names none), except on a CPU, where a "
+                        "bfloat16 or float16 checkpoint computes in float32 when it fits in memory (several times "
+                        "faster there). The Mamba SSM state and A_log, D, dt_bias stay float32 (default: auto)")
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="shard the parameters and the cache over N local devices (attention and Mamba by heads, "
                         "MLPs and experts by their inner dimension; docs/tensor_parallel.md). On CPU, N host "

@@ -491,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-memory", type=_memory, default=None, metavar="SIZE",
                    help="memory for KV blocks plus Mamba state slots, e.g. 512MiB, 2GiB or bytes")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="parameter and cache dtype; auto takes the checkpoint's torch_dtype. The Mamba SSM state "
-                        "stays float32 (default: auto)")
+                   help="parameter and cache dtype; auto takes the checkpoint's torch_dtype (on a CPU, float32 for "
+                        "a half-precision checkpoint that fits in memory). The Mamba SSM state stays float32 "
+                        "(default: auto)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="model name in the responses, and the one request bodies may name (default: the "
                         "checkpoint directory's name; hybrid-tiny-default for the embedded model)")

@@ -27,9 +27,11 @@ import numpy as np
 
 import hybrid_jax
 from hybrid_jax import ledger as L
+from hybrid_jax.loader import read_config
 from hybrid_jax.memory import device_memory_bytes, param_bytes, parse_bytes, plan_cache
 from hybrid_jax.sharding import shard_model
 from hybrid_jax.stack import stack_layers
+from serving import cpu_dtype
 from serving.adjust import AdjustBuilder
 from serving.cache_manager import MISS_CAUSES, CacheManager
 from serving.conversations import ConversationLedger
@@ -183,7 +185,8 @@ class Engine(EngineLoop):
     def from_pretrained(cls, path: str | None = None, *, dtype: str = "auto", served_model_name=None,
                         chat_template: str | None = None, generation_config: str | None = "auto",
                         tokenizer: str | None = None, **kw):
-        """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models); tokenizer (a
+        """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models; on a CPU float32 where it
+        fits, serving/cpu_dtype.py); tokenizer (a
         directory) replaces the checkpoint's, read before any weight; chat_template (a jinja file or the template
         itself) replaces the checkpoint's; generation_config ("auto": the checkpoint's generation_config.json,
         "vllm": none, or a directory) gives the sampling defaults."""
@@ -194,6 +197,8 @@ class Engine(EngineLoop):
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; give the model directory its tokenizer (tokenizer.json and "
                                     "tokenizer_config.json) or pass --tokenizer DIR") from None
+        stored = hybrid_jax.from_hf(read_config(model_dir)).torch_dtype
+        dtype = cpu_dtype.for_checkpoint(model_dir, dtype, stored)  # "auto" on a CPU: float32 where it fits
         cfg, params = hybrid_jax.load_pretrained(model_dir, dtype=dtype, stacked=True, on_host=tp > 1)
         if chat_template is not None:  # a jinja file or the template itself
             tok.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)

@@ -73,3 +73,30 @@ def test_step_programs_are_the_same_whatever_the_weights(tmp_path):
     assert list(a) == list(b)
     for shape in a:
         assert a[shape] == b[shape], shape
+
+
+def test_auto_dtype_on_a_cpu_computes_in_float32_where_it_fits(tmp_path, caplog):
+    """--dtype auto on a CPU loads a bfloat16 checkpoint as float32 (and says so); an explicit dtype is obeyed,
+    and float32 weights that would not fit the memory available keep the checkpoint's dtype."""
+    import jax.numpy as jnp
+
+    from serving import cpu_dtype
+
+    out = rc.write_random_checkpoint(_widened(1), tmp_path / "bf16", dtype="bfloat16", seed=1)
+    with caplog.at_level("INFO", logger="serving"):
+        auto = Engine.from_pretrained(out, max_model_len=256, max_num_seqs=2)
+    try:
+        assert auto.params["embed"].dtype == jnp.float32
+        assert auto.params["stack"]["mamba"]["in_proj"].dtype == jnp.float32
+        assert any("computes in float32 on the CPU" in r.getMessage() for r in caplog.records)
+    finally:
+        auto.shutdown()
+    kept = Engine.from_pretrained(out, dtype="bfloat16", max_model_len=256, max_num_seqs=2)
+    try:
+        assert kept.params["embed"].dtype == jnp.bfloat16
+    finally:
+        kept.shutdown()
+    size = _checkpoint_bytes(out)
+    assert cpu_dtype.resolve("auto", "bfloat16", "cpu", size, available=size)[0] == "auto"  # 2x would not fit
+    assert cpu_dtype.resolve("auto", "bfloat16", "gpu", size, available=None)[0] == "auto"
+    assert cpu_dtype.resolve("auto", "float32", "cpu", size, available=None)[0] == "auto"
