@@ -392,6 +392,7 @@ def _stored_responses(args, engine):
     an older server's responses.json is moved into it), else in memory, restored from --cache-dir."""
     from serving.responses_db import DurableResponses
     from serving.responses_store import ResponsesStore
+    log = logging.getLogger("serving")
     journal = engine.conversations.journal
     responses = (ResponsesStore(args.max_stored_responses) if journal is None
                  else DurableResponses(journal.store, args.max_stored_responses))

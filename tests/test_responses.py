@@ -464,10 +464,17 @@ def test_restart_keeps_stored_responses(server, cache_dir):
         assert db.get_response(responses[-1].id, touch=False) is not None
         assert db.get_response(gone.id, touch=False) is None and db.get_response(unstored.id, touch=False) is None
     assert not (cache_dir / FILENAME).exists()
+    # What an older server saved in responses.json is moved into the state database at start.
+    legacy = ResponsesStore()
+    old = dict(responses[0].model_dump(), id="resp_saved_by_an_older_server")
+    legacy.add(old["id"], "tenant-d", old, None, history[:2])
+    legacy.save(str(cache_dir))
     server.start()
     client = server.client(KEY)
     got = client.responses.retrieve(responses[-1].id, extra_query={"cache_salt": "tenant-d"})
     assert got.model_dump() == responses[-1].model_dump()
+    assert client.responses.retrieve(old["id"], extra_query={"cache_salt": "tenant-d"}).model_dump() == old
+    assert not (cache_dir / FILENAME).exists()
     for rid in (gone.id, unstored.id):
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(rid, extra_query={"cache_salt": "tenant-d"})
