@@ -186,12 +186,13 @@ class Engine(EngineLoop):
                         chat_template: str | None = None, generation_config: str | None = "auto",
                         tokenizer: str | None = None, **kw):
         """dtype "auto" takes the checkpoint's torch_dtype (bfloat16 for the real models; on a CPU float32 where it
-        fits, serving/cpu_dtype.py); tokenizer (a
-        directory) replaces the checkpoint's, read before any weight; chat_template (a jinja file or the template
-        itself) replaces the checkpoint's; generation_config ("auto": the checkpoint's generation_config.json,
-        "vllm": none, or a directory) gives the sampling defaults."""
+        fits, serving/cpu_dtype.py); tokenizer (a directory) replaces the checkpoint's, read before any weight;
+        chat_template (a jinja file or the template itself) replaces the checkpoint's; generation_config ("auto":
+        the checkpoint's generation_config.json, "vllm": none, or a directory) gives the sampling defaults."""
         model_dir = path or DEFAULT_MODEL_DIR
         tp = int(kw.get("tensor_parallel_size", 1))  # > 1: read to the host, sharded in __init__
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"checkpoint directory {model_dir!r} does not exist")
         try:
             tok = load_tokenizer(tokenizer or model_dir)
         except FileNotFoundError as e:

@@ -164,7 +164,6 @@ class ModelRunner:
         log.info("warm-up: %d step programs ready in %.1fs", len(shapes), secs)
         return {"programs": len(shapes), "seconds": secs}
 
-
     def _scratch(self, rows: int, T: int, width: int):
         """(ints, floats, masks, bias) of a step on scratch rows (slot 0, block 0, length 0): what warm-up runs."""
         ints = np.zeros((rows, T + NUM_STOP + len(INT_FIELDS) + width), np.int32)
