@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from hybrid_jax import random_checkpoint as rc
+from hybrid_jax.weights_file import checkpoint_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MEASURE = """
@@ -33,7 +34,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, time.per
 
 def measure(path: str) -> tuple[int, int, float]:
     """(checkpoint bytes, peak bytes added while loading, seconds) of loading `path` in a fresh process."""
-    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    size = checkpoint_bytes(path)
     p = subprocess.run([sys.executable, "-c", _MEASURE, path], capture_output=True, text=True, cwd=ROOT,
                        check=True)
     peak, secs = p.stdout.split()[-2:]

@@ -57,6 +57,11 @@ def read_raw_tensor(filename: str, name: str) -> np.ndarray:
     return _read(filename, name, header[name], start)
 
 
+def checkpoint_bytes(path: str) -> int:
+    """Bytes of the safetensors files of the checkpoint directory `path`."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
 class Weights:
     """Name -> numpy array over the checkpoint in `path` (model.safetensors, or the shards its index names)."""
 

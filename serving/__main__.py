@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 enable_disk_tier(engine, args.cache_dir, disk_bytes)
         except Exception:
             log.exception("could not open the disk tier in %s; going on without it", args.cache_dir)
-    responses = _stored_responses(args, engine)
+    from serving.responses_db import open_responses
+    responses = open_responses(engine, args.max_stored_responses, args.cache_dir)
 
     app = create_app(engine, api_key=args.api_key, served_model_name=args.served_model_name,
                      max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES, metrics=metrics,
@@ -385,25 +386,6 @@ def main(argv: list[str] | None = None) -> int:
                 rc = 1
         engine.shutdown()
     return rc
-
-
-def _stored_responses(args, engine):
-    """The Responses API's store: in the state database when there is one (durable at once, shared by replicas;
-    an older server's responses.json is moved into it), else in memory, restored from --cache-dir."""
-    from serving.responses_db import DurableResponses
-    from serving.responses_store import ResponsesStore
-    log = logging.getLogger("serving")
-    journal = engine.conversations.journal
-    responses = (ResponsesStore(args.max_stored_responses) if journal is None
-                 else DurableResponses(journal.store, args.max_stored_responses))
-    if args.cache_dir:
-        try:
-            n = responses.load(args.cache_dir) if journal is None else responses.import_file(args.cache_dir)
-            if n:
-                log.info("restored %d stored responses from %s", n, args.cache_dir)
-        except Exception:
-            log.exception("could not restore the stored responses from %s; starting empty", args.cache_dir)
-    return responses
 
 
 if __name__ == "__main__":

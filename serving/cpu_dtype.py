@@ -2,15 +2,16 @@
 
 XLA's CPU backend computes bfloat16 and float16 matmuls many times slower than float32, and converting the
 weights inside a step costs as much (`python -m bench.bench_cpu_dtype` on a 2-core machine: a [1, 2048] x
-[2048, 8192] product takes 48 ms in bfloat16, 47 ms converting bfloat16 weights, 3.4 ms in float32; 73, 83 and
-32 ms for 64 rows). So on a CPU, "auto" loads a bfloat16 or float16
+[2048, 8192] product takes 31 ms in bfloat16, 32 ms converting bfloat16 weights, 2.3 ms in float32; 57, 47 and
+19 ms for 64 rows; docs/benchmarks/loading_and_dtype_cpu.md). So on a CPU, "auto" loads a bfloat16 or float16
 checkpoint as float32 when twice its weights fit in the memory available (with room to spare), and keeps its
 dtype otherwise; the log says which and why. An explicit --dtype is always obeyed; accelerators keep "auto".
 """
 from __future__ import annotations
 
 import logging
-import os
+
+from hybrid_jax.weights_file import checkpoint_bytes
 
 log = logging.getLogger("serving")
 HALF = ("bfloat16", "float16")
@@ -27,11 +28,6 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def checkpoint_bytes(model_dir: str) -> int:
-    return sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
-               if f.endswith(".safetensors"))
 
 
 def resolve(dtype: str, stored: str, backend: str, weight_bytes: int, available: int | None) -> tuple[str, str]:

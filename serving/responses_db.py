@@ -60,3 +60,19 @@ class DurableResponses:
             os.remove(os.path.join(directory, FILENAME))
             log.info("moved %d stored responses from %s into the state database", n, FILENAME)
         return n
+
+
+def open_responses(engine, max_responses: int, cache_dir: str | None) -> "DurableResponses | ResponsesStore":
+    """The Responses API's store: in the engine's state database when it has one (durable at once, shared by
+    replicas; an older server's responses.json is moved into it), else in memory, restored from cache_dir."""
+    journal = engine.conversations.journal
+    responses = (ResponsesStore(max_responses) if journal is None
+                 else DurableResponses(journal.store, max_responses))
+    if cache_dir:
+        try:
+            n = responses.load(cache_dir) if journal is None else responses.import_file(cache_dir)
+            if n:
+                log.info("restored %d stored responses from %s", n, cache_dir)
+        except Exception:
+            log.exception("could not restore the stored responses from %s; starting empty", cache_dir)
+    return responses

@@ -12,6 +12,7 @@ import sys
 import jax
 
 from hybrid_jax import random_checkpoint as rc
+from hybrid_jax.weights_file import checkpoint_bytes
 from serving import Engine
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models",
@@ -29,14 +30,10 @@ def _widened(k: int, repeat: int = 1) -> dict:
     return cfg
 
 
-def _checkpoint_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-
-
 def test_peak_host_memory_while_loading_is_within_1_3x_the_checkpoint(tmp_path):
     # 28 layers, as real checkpoints have tens: the largest tensor is 2% of the checkpoint
     out = rc.write_random_checkpoint(_widened(6, repeat=4), tmp_path / "w6", dtype="float32", seed=1)
-    assert _checkpoint_bytes(out) > 200 << 20
+    assert checkpoint_bytes(out) > 200 << 20
     p = subprocess.run([sys.executable, "-m", "bench.bench_loading", "--checkpoint", out], capture_output=True,
                        text=True, timeout=300, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert p.returncode == 0, p.stderr[-2000:]
@@ -68,7 +65,7 @@ def _programs(path: str) -> dict[tuple, str]:
 def test_step_programs_are_the_same_whatever_the_weights(tmp_path):
     small = rc.write_random_checkpoint(_widened(1), tmp_path / "w1", dtype="float32", seed=1)
     large = rc.write_random_checkpoint(_widened(4), tmp_path / "w4", dtype="float32", seed=1)
-    assert _checkpoint_bytes(large) >= 10 * _checkpoint_bytes(small)
+    assert checkpoint_bytes(large) >= 10 * checkpoint_bytes(small)
     a, b = _programs(small), _programs(large)
     assert list(a) == list(b)
     for shape in a:
@@ -96,7 +93,7 @@ def test_auto_dtype_on_a_cpu_computes_in_float32_where_it_fits(tmp_path, caplog)
         assert kept.params["embed"].dtype == jnp.bfloat16
     finally:
         kept.shutdown()
-    size = _checkpoint_bytes(out)
+    size = checkpoint_bytes(out)
     assert cpu_dtype.resolve("auto", "bfloat16", "cpu", size, available=size)[0] == "auto"  # 2x would not fit
     assert cpu_dtype.resolve("auto", "bfloat16", "gpu", size, available=None)[0] == "auto"
     assert cpu_dtype.resolve("auto", "float32", "cpu", size, available=None)[0] == "auto"
