@@ -197,9 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                        os.path.expanduser("~"), ".cache", "hybrid-serve", "jax"),
                    help="JAX's persistent compilation cache: compiled step programs are kept here, so a restart "
                         "warms up in seconds; 'none' turns it off (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/hybrid-serve/jax)")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="serve before every step program is compiled (the first requests then compile them); "
-                        "by default all are compiled before the server reports healthy")
+    p.add_argument("--warmup", default="first", choices=("first", "all", "none"),
+                   help="step programs compiled before the server reports healthy: 'first' those a first short "
+                        "request needs, the rest in the background while serving (a request whose program is not "
+                        "ready waits for that one compile); 'all' every one; 'none' none, each compiles when "
+                        "first used (default: first)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_const", const="none",
+                   help="the same as --warmup none")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="log level of the server and the engine (default: info)")
     return p
@@ -288,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     from serving.grammar import GrammarLimits
     engine.grammar_limits = GrammarLimits(max_bytes=args.max_grammar_bytes, cache_memory=args.grammar_cache_memory,
                                           compile_timeout=args.grammar_compile_timeout)
-    if not args.no_warmup:
-        info = engine.warmup(progress=sys.stderr.isatty())
-        log.info("compiled %d step programs and %d cache programs", info["programs"], info["cache_programs"])
+    if args.warmup != "none":
+        info = engine.warmup(progress=sys.stderr.isatty(), first_only=args.warmup == "first")
+        log.info("compiled %d step programs and %d cache programs%s", info["programs"], info["cache_programs"],
+                 f"; {info['background']} more compile in the background" if info["background"] else "")
     log.info("engine ready in %.1fs", time.perf_counter() - t0)
 
     if args.cache_dir:

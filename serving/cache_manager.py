@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 
+import jax
 import numpy as np
 
 from hybrid_jax import ledger as L
@@ -36,8 +37,7 @@ class CacheManager:
         self.cfg, self.plan, self.dtype, self.mode = cfg, plan, dtype, cache_mode
         self.table_width = table_width
         self.block_size = plan.block_size
-        self.cache = init_cache(cfg, num_blocks=plan.num_blocks, block_size=plan.block_size,
-                                num_slots=plan.num_slots, dtype=dtype)
+        self.cache = self._new_cache()
         self.ledger = L.new_ledger(plan.num_blocks, plan.num_slots, plan.block_size)
         self.host_cache_bytes = host_cache_bytes
         self.host: collections.OrderedDict = collections.OrderedDict()
@@ -48,12 +48,18 @@ class CacheManager:
         self.disk = None               # serving.disk_tier.DiskTier, set by enable_disk
         self._warmed = self._moves_warm = False
 
+    def _new_cache(self):
+        """An empty device cache, committed to its devices as the step programs' outputs are (the cache's own
+        jitted copies then compile once, for arrays of either origin)."""
+        cache = init_cache(self.cfg, num_blocks=self.plan.num_blocks, block_size=self.plan.block_size,
+                           num_slots=self.plan.num_slots, dtype=self.dtype)
+        return jax.device_put(cache, jax.tree.map(lambda a: a.sharding, cache))
+
     def reset(self):
         """A failed step lost the donated cache: start over with an empty device. The checkpoints in the host and
         disk tiers stay indexed (their copies are good); those only on the device are forgotten, and their
         conversations recompute their next turn."""
-        self.cache = init_cache(self.cfg, num_blocks=self.plan.num_blocks, block_size=self.block_size,
-                                num_slots=self.plan.num_slots, dtype=self.dtype)
+        self.cache = self._new_cache()
         self.ledger = L.new_ledger(self.plan.num_blocks, self.plan.num_slots, self.block_size)
         for cid, ck in list(self.index.meta.items()):
             if not (ck.on_host or ck.on_disk):
@@ -367,7 +373,8 @@ class CacheManager:
         width, n = 1, 0
         while True:
             idx = np.zeros((width,), np.int32)
-            k, v, conv, ssm = offload._gather(self.cache, idx, 0)
+            # scattered back from host arrays, as a restore from the host tier does (numpy, not device arrays)
+            k, v, conv, ssm = jax.device_get(offload._gather(self.cache, idx, 0))
             self.cache = offload._scatter(self.cache, idx, 0, k, v, conv, ssm)
             n += 2
             if width >= self.table_width:

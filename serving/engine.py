@@ -229,9 +229,13 @@ class Engine(EngineLoop):
     def ledger(self, value):
         self.caches.ledger = value
 
-    def warmup(self, progress: bool = True) -> dict:
-        """Compile every step shape the engine can meet (before serving; see ModelRunner.shapes)."""
-        return self._call(lambda: self.runner.warmup(progress) | self.caches.warmup())
+    def warmup(self, progress: bool = True, first_only: bool = False) -> dict:
+        """Compile every step shape the engine can meet (before serving; see ModelRunner.shapes), or (first_only)
+        those a first short request needs, leaving the rest to a background thread (ModelRunner.warmup)."""
+        info = self._call(lambda: self.runner.warmup(progress, first_only=first_only) | self.caches.warmup())
+        if first_only:  # after the cache's programs: the background compiles do not delay being ready
+            self.runner.compile_rest_in_background()
+        return info
 
     # ---------------------------------------------------------------- public calls
     def chat(self, messages, conversation_id=None, cache_salt=None, **sampling) -> ChatResult:
@@ -336,7 +340,9 @@ class Engine(EngineLoop):
 
     def stats(self) -> dict:
         s = self.scheduler
+        programs = self.runner.programs
         return dict(self._counters, running=len(s.running), waiting=len(s.waiting) + self._inbox.qsize(),
+                    step_programs_compiled=programs.ready(), step_programs_total=len(programs.shapes),
                     **self.caches.stats())
 
     def save_state(self, directory: str) -> str:
@@ -357,6 +363,7 @@ class Engine(EngineLoop):
         return self.conversations.journal.store.description
 
     def shutdown(self) -> None:
+        self.runner.programs.stop()
         self._stop = True
         self._wake()
         self._thread.join(timeout=30)

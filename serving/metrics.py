@@ -49,6 +49,9 @@ _GAUGES = (
     ("host_cache_bytes", "host_cache_bytes", "Bytes of conversation state held in host memory."),
     ("disk_checkpoints", "disk_checkpoints", "Checkpoints stored in the disk tier (--disk-cache-memory)."),
     ("disk_bytes", "disk_cache_bytes", "Bytes of conversation state stored in the disk tier."),
+    ("step_programs_compiled", "step_programs_compiled", "Step programs compiled (the rest compile in the "
+     "background after start, or when first used)."),
+    ("step_programs_total", "step_programs_total", "Step programs the engine can run (one per shape bucket)."),
 )
 # Counters: monotonic totals kept by the engine (exposed with the `_total` suffix).
 _COUNTERS = (

@@ -2,13 +2,13 @@
 
 Steps are dispatched without waiting: `decode` returns the device-side `Sampled` of its step, and the engine
 builds and dispatches the next decode step (whose input tokens it takes from that `Sampled` on the device)
-before it reads this one's tokens. Every shape a step can take is a bucket listed by `shapes()`, and `warmup`
-compiles them all, so nothing compiles while serving.
+before it reads this one's tokens. Every shape a step can take is a bucket listed by `shapes()`; its program is
+compiled once (serving/step_programs.py): `warmup` compiles them all before serving, or (first_only) those a first
+short request needs, and `compile_rest_in_background` the rest while serving, smallest buckets first.
 """
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 
 import jax
@@ -17,10 +17,10 @@ import numpy as np
 from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, neutral_adjust, pack_rows
 from hybrid_jax.sharding import replicated_sharding
 from serving.adjust import AdjustBuilder
+from serving.step_programs import LOG_EVERY_S, StepPrograms
 
-log = logging.getLogger("serving.runner")
-WARMUP_LOG_EVERY_S = 5.0  # how often a warm-up says in the log how far it got (any stdout: a file, a pipe)
 PREFILL_TOKENS_MIN = 16
+FIRST_PROMPT_TOKENS = 64  # a first short request (a chat turn of a few sentences) prefills in chunks up to this
 
 
 def pow_bucket(n: int, lo: int, cap: int, factor: int) -> int:
@@ -54,6 +54,10 @@ class ModelRunner:
         self._no_prev = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
         self.adjust = adjust
         self._neutral: dict[int, tuple] = {}  # rows -> device-resident neutral (masks, bias)
+        # programs are lowered from these abstract shapes, never from the arrays (a running step donates the cache)
+        self._abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                      (params, caches.cache))
+        self.programs = StepPrograms(lambda shape: self.lowered(*shape), self.shapes())
 
     def _adjust(self, rows: int, reqs, steps) -> tuple:
         """The step's (masks, bias): built on the host when a row changes its logits, else the neutral ones that
@@ -82,14 +86,34 @@ class ModelRunner:
         """Block-table width: the batch's longest table, bucketed, so attention reads what the history needs."""
         return pow_bucket(n_blocks, 4, self.table_width, 4)
 
+    def _ladders(self) -> dict[str, tuple[list[int], list[int], list[int]]]:
+        """kind -> the (rows, tokens, widths) buckets its steps take."""
+        widths = _ladder(4, self.table_width, 4)
+        return {"decode": (_ladder(2, self.max_rows, 4), [1], widths),
+                "prefill": (sorted({1, self.prefill_rows}), _ladder(PREFILL_TOKENS_MIN, self.max_prefill_tokens, 4),
+                            widths)}
+
     def shapes(self) -> list[tuple]:
         """Every (kind, rows, tokens, width) a step can take."""
-        widths = _ladder(4, self.table_width, 4)
-        dec = [("decode", r, 1, w) for r, w in itertools.product(_ladder(2, self.max_rows, 4), widths)]
-        rows = sorted({1, self.prefill_rows})
-        pre = [("prefill", r, t, w) for r, t, w in itertools.product(
-            rows, _ladder(PREFILL_TOKENS_MIN, self.max_prefill_tokens, 4), widths)]
-        return dec + pre
+        return [(kind, *shape) for kind, ladders in self._ladders().items() for shape in itertools.product(*ladders)]
+
+    def first_shapes(self) -> list[tuple]:
+        """The shapes a first short request needs: one row, the narrowest block table, prompt chunks of up to
+        FIRST_PROMPT_TOKENS tokens; then its decode steps."""
+        (_, tokens, widths), dec_rows = self._ladders()["prefill"], self._ladders()["decode"][0]
+        pre = [("prefill", 1, t, widths[0]) for t in tokens if t <= max(FIRST_PROMPT_TOKENS, tokens[0])]
+        return pre + [("decode", dec_rows[0], 1, widths[0])]
+
+    def by_likelihood(self) -> list[tuple]:
+        """Every shape, smallest buckets first (the sum of the rows, tokens and width bucket ranks): the order in
+        which a load that grows from one short request meets them."""
+        ladders = self._ladders()
+
+        def rank(shape):
+            kind, *sizes = shape
+            ranks = [ladder.index(v) for ladder, v in zip(ladders[kind], sizes)]
+            return sum(ranks), ranks[2], kind != "decode", ranks
+        return sorted(self.shapes(), key=rank)
 
     # ------------------------------------------------------------------ batches
     def _pack(self, rows, reqs, T: int, width: int, spans, srcs, stops):
@@ -122,7 +146,8 @@ class ModelRunner:
         # blocks for its whole prompt, so early chunks of a long prompt stay cheap)
         width = self.width(max(-(-e // self.block_size) for _, e in spans))
         ints, floats, (masks, bias) = self._pack(rows, reqs, T, width, spans, [-1] * len(reqs), [()] * len(reqs))
-        out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
+        program = self.programs.get(("prefill", rows, T, width))
+        out, self.caches.cache = program(self.params, self.caches.cache, ints, floats, masks, bias)
         return out
 
     def decode(self, reqs, srcs, stops, prev=None):
@@ -136,33 +161,26 @@ class ModelRunner:
             if srcs[i] < 0:
                 ints[i, 0] = r.generated[-1]
         prev_tok = prev.token if prev is not None else self._no_prev
-        out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, masks, bias, prev_tok)
+        program = self.programs.get(("decode", rows, 1, width))
+        out, self.caches.cache = program(self.params, self.caches.cache, ints, floats, masks, bias, prev_tok)
         return out
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self, progress: bool = True, log_every: float = WARMUP_LOG_EVERY_S) -> dict:
-        """Compile every step shape (on scratch rows: slot 0, block 0, length 0). Returns counts and seconds.
-        progress: a bar on the terminal; the log says how far it got every `log_every` seconds in any case."""
-        shapes = self.shapes()
-        t0 = last = time.perf_counter()
-        bar = _progress(len(shapes), progress)
-        for done, (kind, rows, T, width) in enumerate(shapes, 1):
-            ints, floats, masks, bias = self._scratch(rows, T, width)
-            if kind == "decode":
-                out, self.caches.cache = self._decode(self.params, self.caches.cache, ints, floats, masks, bias,
-                                                      self._no_prev)
-            else:
-                out, self.caches.cache = self._prefill(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
-            jax.block_until_ready(out.token)
-            bar.update(1)
-            now = time.perf_counter()
-            if now - last >= log_every and done < len(shapes):
-                log.info("warm-up: %d/%d step programs compiled (%.0fs)", done, len(shapes), now - t0)
-                last = now
+    def warmup(self, progress: bool = True, log_every: float = LOG_EVERY_S, first_only: bool = False) -> dict:
+        """Compile every step program, or (first_only) those of `first_shapes()`, leaving the rest to
+        `compile_rest_in_background`. progress: a bar on the terminal; the log says how far it got every
+        `log_every` seconds in any case. Returns {"programs": compiled now, "background": left, "seconds"}."""
+        t0 = time.perf_counter()
+        now = self.first_shapes() if first_only else self.by_likelihood()
+        bar = _progress(len(now), progress)
+        self.programs.compile(now, log_every, progress=bar)
         bar.close()
-        secs = time.perf_counter() - t0
-        log.info("warm-up: %d step programs ready in %.1fs", len(shapes), secs)
-        return {"programs": len(shapes), "seconds": secs}
+        return {"programs": len(now), "background": len(self.shapes()) - self.programs.ready(),
+                "seconds": time.perf_counter() - t0}
+
+    def compile_rest_in_background(self, log_every: float = LOG_EVERY_S) -> None:
+        """Compile the programs not ready yet in a background thread while serving, smallest buckets first."""
+        self.programs.compile_in_background(self.by_likelihood(), log_every)
 
     def _scratch(self, rows: int, T: int, width: int):
         """(ints, floats, masks, bias) of a step on scratch rows (slot 0, block 0, length 0): what warm-up runs."""
@@ -173,11 +191,13 @@ class ModelRunner:
         return ints, floats, masks, bias
 
     def lowered(self, kind: str, rows: int, T: int, width: int):
-        """The step program of one of `shapes()`, lowered (jax's Lowered: as_text, compile), not run."""
+        """The step program of one of `shapes()`, lowered (jax's Lowered: as_text, compile), not run: from the
+        abstract parameters and cache, so it may run in any thread beside the steps."""
         ints, floats, masks, bias = self._scratch(rows, T, width)
+        params, cache = self._abstract
         if kind == "decode":
-            return self._decode.lower(self.params, self.caches.cache, ints, floats, masks, bias, self._no_prev)
-        return self._prefill.lower(self.params, self.caches.cache, ints, floats, masks, bias, T=T)
+            return self._decode.lower(params, cache, ints, floats, masks, bias, self._no_prev)
+        return self._prefill.lower(params, cache, ints, floats, masks, bias, T=T)
 
 
 def _seed(r) -> int:

@@ -43,6 +43,28 @@ def write_tiny_byte_model(out_dir: str, seed: int = 0, layers=("mamba", "attenti
     return out_dir
 
 
+def fail_prefill_steps(engine, when=lambda ints, T: True):
+    """Make the engine's prefill steps fail as a device error does: the compiled program runs (and consumes the
+    donated cache), then raises, for the steps whose packed ints (and chunk size T) satisfy `when`. Returns the
+    function that undoes it."""
+    programs = engine.runner.programs
+    real_get = programs.get
+
+    def get(shape):
+        program = real_get(shape)
+        if shape[0] != "prefill":
+            return program
+
+        def poisoned(params, cache, ints, *rest):
+            out = program(params, cache, ints, *rest)
+            if when(ints, shape[2]):
+                raise RuntimeError("injected step failure: poisoned step")
+            return out
+        return poisoned
+    programs.get = get
+    return lambda: setattr(programs, "get", real_get)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return write_tiny_byte_model(str(tmp_path_factory.mktemp("tiny_byte_model")))

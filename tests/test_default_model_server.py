@@ -16,9 +16,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 import test_server
@@ -77,21 +79,47 @@ CASES = [
 THRESHOLD = 0.85
 
 
+def step_programs(srv) -> tuple[int, int]:
+    """(compiled, total) step programs, as the server's /metrics says."""
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    return tuple(int(float(re.search(rf"^hybrid_serve_step_programs_{k} (\S+)$", text, re.M).group(1)))
+                 for k in ("compiled", "total"))
+
+
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
+    """The default server as a first start runs it: default warm-up, an empty compilation cache."""
     env = dict(os.environ)
     env.pop("SERVING_TEST_MODEL", None)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONUNBUFFERED"] = "1"
-    srv = ServerProcess("default", tmp_path_factory.mktemp("default-server"),
-                        ["--served-model-name", NAME, "--max-model-len", "1024", "--log-level", "warning"], env)
+    work = tmp_path_factory.mktemp("default-server")
+    srv = ServerProcess("default", work, ["--served-model-name", NAME, "--max-model-len", "1024",
+                                          "--compilation-cache-dir", str(work / "jax")], env)
     saved, test_server.MODEL = test_server.MODEL, None  # this test is about the default model, whatever
     try:                                                # SERVING_TEST_MODEL says
         srv.start()
+        srv.programs_when_healthy = step_programs(srv)
     finally:
         test_server.MODEL = saved
     yield srv
     srv.stop()
+
+
+def test_a_first_start_serves_before_every_program_is_compiled(default_server):
+    """Healthy once the programs of a first request are compiled; the rest compile in the background, and the
+    log (a file here, not a terminal) says how far that got."""
+    compiled, total = default_server.programs_when_healthy
+    assert 0 < compiled < total
+    deadline = time.monotonic() + 900
+    while step_programs(default_server)[0] < total:
+        assert time.monotonic() < deadline, default_server.log_tail()
+        time.sleep(1)
+    log = default_server.log_path.read_text(errors="replace")
+    first = int(re.search(r"warm-up: (\d+) step programs ready", log).group(1))
+    rest = total - first
+    assert re.search(rf"background warm-up: \d+/{rest} step programs compiled \(\d+s\)", log), log[-3000:]
+    assert f"background warm-up: {rest} step programs ready" in log
 
 
 def converse(client, conversation_id: str, messages: list[str]):

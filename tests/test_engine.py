@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax import ledger as L
+from conftest import fail_prefill_steps
 from serving import Engine
 
 COMMON = dict(block_size=16, max_model_len=256, max_num_seqs=8, max_prefill_tokens=64)
@@ -191,16 +192,10 @@ def test_failed_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_
     e = Engine.from_pretrained(tiny_model_dir, cache_mode="exact", **COMMON)
     try:
         _raw_conversation(e, "survivor", [(list(range(20)), 3)])
-        real = e.runner._prefill
-
-        def boom(params, cache, *a, **k):
-            real(params, cache, *a, **k)  # consumes the donated cache, then fails like a device error would
-            raise RuntimeError("injected step failure")
-
-        e.runner._prefill = boom
+        restore = fail_prefill_steps(e)
         r = e.complete(list(range(30)), max_tokens=3, temperature=0)
         assert r.finish_reason == "error" and "injected" in r.error
-        e.runner._prefill = real
+        restore()
         got = _raw_conversation(e, "survivor", [(list(range(7)), 4)])[0]
         want = _raw_conversation(engines["none"], "survivor-ref", [(list(range(20)), 3), (list(range(7)), 4)])[1]
         assert got.token_ids == want.token_ids  # recomputed from the conversation's committed tokens

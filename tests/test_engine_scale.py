@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from hybrid_jax.cache import init_cache
 from hybrid_jax.fused import FLOAT_FIELDS, INT_FIELDS, NUM_STOP, make_serving_steps, neutral_adjust
 from hybrid_jax.model import SpanBatch, make_steps
 from hybrid_jax.stack import stack_layers
+from conftest import fail_prefill_steps
 from serving import Engine
 
 # Pool sizes no other array of the tiny model has, so a copy of a pool is recognised by its shape.
@@ -233,14 +233,7 @@ def test_a_failure_is_confined_to_its_request(tiny_model_dir, where):
             e.output.emit = lambda r, *a: (_ for _ in ()).throw(ValueError("poisoned")) if r.sp.seed == 666 \
                 else real(r, *a)
         else:
-            real = e.runner._prefill
-
-            def prefill(params, cache, ints, floats, *adjust, **kw):
-                out = real(params, cache, ints, floats, *adjust, **kw)  # consumes the donated cache, then fails
-                if (ints[:, kw["T"] + NUM_STOP + INT_FIELDS.index("seed")] == 666).any():
-                    raise RuntimeError("poisoned step")
-                return out
-            e.runner._prefill = prefill
+            fail_prefill_steps(e, lambda ints, T: (ints[:, T + NUM_STOP + INT_FIELDS.index("seed")] == 666).any())
         bad = e.complete([1, 2, 3], max_tokens=5, temperature=0, seed=666)
         assert bad.finish_reason == "error" and "poisoned" in bad.error
         got = [h.result(timeout=120) for h in handles]

@@ -23,7 +23,8 @@ def engine(tiny_model_dir):
 
 
 def _programs(e) -> int:
-    return e.runner._prefill._cache_size() + e.runner._decode._cache_size()
+    """Step programs compiled: by the engine (one per shape it dispatched) or by jit."""
+    return e.runner.programs.ready() + e.runner._prefill._cache_size() + e.runner._decode._cache_size()
 
 
 def test_controls_compile_nothing_after_warmup(engine):
