@@ -87,7 +87,7 @@ def _run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: 
     """Run a span batch through the stack against the cache pools, updating them in place.
 
     The pools ride in the layer scan's carry: each layer gathers its rows' state (B rows) and scatters the new
-    state back, so no step copies or rewrites a whole pool (tests/test_no_pool_copy.py checks the programs).
+    state back, so no step copies or rewrites a whole pool (tests/test_engine_scale.py checks the programs).
     """
     if batch.tokens.shape[0] == 1:
         # One row: XLA turns the state scatter into a dynamic-update-slice and then copies the whole SSM pool
