@@ -19,6 +19,8 @@ import dataclasses
 import logging
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig
@@ -70,7 +72,6 @@ def format_bytes(n: int | float) -> str:
 
 
 def _itemsize(dtype) -> int:
-    import jax.numpy as jnp
     return jnp.dtype(dtype).itemsize
 
 
@@ -98,7 +99,6 @@ def device_memory_bytes(device=None) -> int | None:
     (`XLA_PYTHON_CLIENT_MEM_FRACTION` sets the fraction), not the whole of it."""
     try:
         if device is None:
-            import jax
             device = jax.devices()[0]
         if getattr(device, "platform", None) == "cpu":
             return None
@@ -113,7 +113,6 @@ def device_memory_bytes(device=None) -> int | None:
 def param_bytes(params) -> int:
     """Bytes of a params pytree (numpy or jax arrays) on one device: a sharded jax array counts its shard on
     the first device that holds one (the whole array when it is replicated or on one device)."""
-    import jax
     total = 0
     for leaf in jax.tree_util.tree_leaves(params):
         shards = getattr(leaf, "addressable_shards", None)

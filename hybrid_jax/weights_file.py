@@ -98,7 +98,7 @@ class Weights:
         return _read(fn, name, info, start)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
 def _libc():
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name else None
