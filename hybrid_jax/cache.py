@@ -49,7 +49,8 @@ class Cache:
 
 def init_cache(cfg: ModelConfig, *, num_blocks: int, block_size: int, num_slots: int, dtype=jnp.float32) -> Cache:
     """Zeroed cache. num_blocks and num_slots include the scratch block 0 and slot 0. With cfg.tp > 1 every pool
-    is created sharded over the tensor parallel mesh (`cache_specs`), never whole on one device."""
+    is created sharded over the tensor parallel mesh (`cache_specs`), never whole on one device. The bytes of a
+    block and of a slot are hybrid_jax/memory.py `block_bytes` / `slot_bytes` (their one home)."""
     la, lm = max(cfg.num_attention_layers, 1), max(cfg.num_mamba_layers, 1)
     kv_shape = (la, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     shapes = Cache(kv=PagedKV(k=(kv_shape, dtype), v=(kv_shape, dtype)),
@@ -76,16 +77,6 @@ def constrain_cache(cache: Cache, cfg: ModelConfig) -> Cache:
     if cfg.tp == 1:
         return cache
     return jax.lax.with_sharding_constraint(cache, named(cache_specs(cfg), cfg.tp))
-
-
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype=jnp.float32) -> int:
-    return 2 * cfg.num_attention_layers * block_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-
-
-def bytes_per_slot(cfg: ModelConfig, dtype=jnp.float32) -> int:
-    lm = cfg.num_mamba_layers
-    return lm * (cfg.conv_dim * (cfg.d_conv - 1) * jnp.dtype(dtype).itemsize
-                 + cfg.mamba_heads * cfg.mamba_head_dim * cfg.d_state * 4)
 
 
 def copy_block(cache: Cache, src: jax.Array, dst: jax.Array) -> Cache:
