@@ -12,9 +12,13 @@ import math
 from typing import Any
 
 FAMILIES = ("nemotron_h", "granitemoehybrid", "bamba")
-_NEMOTRON_KIND = {"M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
-                  "*": "attention", "attention": "attention", "full_attention": "attention",
-                  "-": "mlp", "mlp": "mlp", "E": "moe", "moe": "moe"}
+#: NemotronH hybrid_override_pattern characters -> sublayer kind.
+PATTERN_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+#: Layer type spellings of saved configs (layers_block_type / layer_types; transformers 5 writes linear_attention
+#: and full_attention) -> sublayer kind.
+LAYER_TYPE_KINDS = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                    "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+_NEMOTRON_KIND = PATTERN_KINDS | LAYER_TYPE_KINDS
 
 
 class ConfigError(ValueError):
