@@ -28,7 +28,8 @@ def logits(params, h, cfg: ModelConfig):
 
 
 def forward(params, cfg: ModelConfig, tokens):
-    """Logits [B,T,V] float32 of int32 tokens [B,T], from scratch (no cache). params: list or stacked form."""
+    """Logits [B,T,V] float32 of int32 tokens [B,T], from scratch (no cache). params: list or stacked form.
+    Jitted per cfg; donates nothing."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return _forward_jit(params, tokens, cfg=cfg)
 
