@@ -11,7 +11,7 @@ experts  E = 8, 16, 32, 64, 128 routed experts, top-6, relu2 experts of 512 insi
          - a full one-token decode step of a 4-layer model "MEME" (2 Mamba + 2 MoE layers) through the cached
            step the engine runs.
 memory   per-device bytes of the parameters (bfloat16) and of one cache slot + one 16-token KV block, at TP 1,
-         2, 4: computed from the sharding rules (hybrid_jax/sharding.py) for the real NVIDIA-Nemotron-3-Nano-30B-A3B,
+         2, 4: computed from the sharding rules (hybrid_jax/mesh.py) for the real NVIDIA-Nemotron-3-Nano-30B-A3B,
          Granite-4.0-H-Tiny and -Small configs, and measured (the bytes of the arrays actually placed on device 0)
          on a real-width 3-layer Granite-4.0-H-Tiny ("mamba, attention, mamba", all 64 experts) on 4 host devices.
 """
@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from bench.timing import median_seconds  # noqa: E402
 from hybrid_jax import from_hf  # noqa: E402
 from hybrid_jax import sharding as S  # noqa: E402
+from hybrid_jax.mesh import param_specs  # noqa: E402
 from hybrid_jax.generate import SingleSequence  # noqa: E402
 from hybrid_jax.loader import expected_shapes  # noqa: E402
 from hybrid_jax.memory import block_bytes, slot_bytes  # noqa: E402
@@ -154,8 +155,8 @@ def _present(cfg, kind: str) -> set:
 
 
 def _per_device(shapes: dict, tcfg) -> tuple[int, int]:
-    """(total bytes, bytes on one device) of shape structs sharded by sharding.param_specs."""
-    specs = S.param_specs(shapes, tcfg)
+    """(total bytes, bytes on one device) of shape structs sharded by mesh.param_specs."""
+    specs = param_specs(shapes, tcfg)
     total = dev = 0
     for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
         n = math.prod(s.shape) * jnp.dtype(s.dtype).itemsize
@@ -248,7 +249,7 @@ def _markdown(res: dict, cmd: str) -> str:
             "every expert), which is why the CPU default is the tiled loop (on GPU/TPU ragged_dot is XLA's grouped "
             "GEMM; not measured here)."]
     out += ["", "## Memory per device against the tensor parallel size (bfloat16 parameters)", "",
-            "From the sharding rules (`hybrid_jax/sharding.py`), real configs, nothing allocated:", "",
+            "From the sharding rules (`hybrid_jax/mesh.py`), real configs, nothing allocated:", "",
             "| model | TP | params total (GiB) | params per device (GiB) | Mamba slot per device (MiB) | "
             "16-token KV block per device (MiB) |", "|---|---|---|---|---|---|"]
     for r in res["memory_rules"]:

@@ -24,7 +24,8 @@ import numpy as np
 
 import hybrid_jax
 from hybrid_jax import ledger as L
-from hybrid_jax.cache import bytes_per_block, bytes_per_slot, init_cache
+from hybrid_jax.cache import init_cache
+from hybrid_jax.memory import block_bytes, param_bytes, slot_bytes
 
 OUT_DIR = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks")
 
@@ -90,10 +91,6 @@ def bench_ttft(model_dir, args) -> list[dict]:
     return rows
 
 
-def _param_bytes(params) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-
-
 def bench_decode(model_dir, args) -> list[dict]:
     rows = []
     ctx, steps = args.decode_context, args.decode_steps
@@ -120,9 +117,9 @@ def bench_decode(model_dir, args) -> list[dict]:
         cfg = eng.cfg
         dtype = eng.params["embed"].dtype
         avg_ctx = ctx + steps / 2
-        kv_read = B * avg_ctx * bytes_per_block(cfg, 1, dtype)
-        state_rw = 2 * B * bytes_per_slot(cfg, dtype)
-        step_bytes = _param_bytes(eng.params) + kv_read + state_rw
+        kv_read = B * avg_ctx * block_bytes(cfg, 1, dtype)
+        state_rw = 2 * B * slot_bytes(cfg, dtype)
+        step_bytes = param_bytes(eng.params) + kv_read + state_rw
         tok_s = n / dt
         step_s = B / tok_s
         roofline_step_s = step_bytes / args.bandwidth

@@ -8,8 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.mesh import AXIS, named
 
 NULL_BLOCK = 0
 NULL_SLOT = 0
@@ -47,7 +49,8 @@ class Cache:
 
 def init_cache(cfg: ModelConfig, *, num_blocks: int, block_size: int, num_slots: int, dtype=jnp.float32) -> Cache:
     """Zeroed cache. num_blocks and num_slots include the scratch block 0 and slot 0. With cfg.tp > 1 every pool
-    is created sharded over the tensor parallel mesh (hybrid_jax/sharding.py), never whole on one device."""
+    is created sharded over the tensor parallel mesh (`cache_specs`), never whole on one device. The bytes of a
+    block and of a slot are hybrid_jax/memory.py `block_bytes` / `slot_bytes` (their one home)."""
     la, lm = max(cfg.num_attention_layers, 1), max(cfg.num_mamba_layers, 1)
     kv_shape = (la, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     shapes = Cache(kv=PagedKV(k=(kv_shape, dtype), v=(kv_shape, dtype)),
@@ -57,20 +60,23 @@ def init_cache(cfg: ModelConfig, *, num_blocks: int, block_size: int, num_slots:
     is_shape = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
     if cfg.tp == 1:
         return jax.tree.map(lambda sd: jnp.zeros(*sd), shapes, is_leaf=is_shape)
-    from hybrid_jax.sharding import cache_specs, named
-
     return jax.tree.map(lambda sd, sh: jnp.zeros(*sd, device=sh), shapes, named(cache_specs(cfg), cfg.tp),
                         is_leaf=is_shape)
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype=jnp.float32) -> int:
-    return 2 * cfg.num_attention_layers * block_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+def cache_specs(cfg: ModelConfig) -> Cache:
+    """PartitionSpecs of the Cache pytree: KV pools by KV head, conv state by channel, SSM state by head."""
+    kv = P(None, None, None, AXIS)          # [layers, blocks, block_size, kv heads, head_dim]
+    return Cache(kv=PagedKV(k=kv, v=kv), mamba=MambaState(conv=P(None, None, AXIS),   # [layers, slots, C, W-1]
+                                                          ssm=P(None, None, AXIS)))   # [layers, slots, H, P, N]
 
 
-def bytes_per_slot(cfg: ModelConfig, dtype=jnp.float32) -> int:
-    lm = cfg.num_mamba_layers
-    return lm * (cfg.conv_dim * (cfg.d_conv - 1) * jnp.dtype(dtype).itemsize
-                 + cfg.mamba_heads * cfg.mamba_head_dim * cfg.d_state * 4)
+def constrain_cache(cache: Cache, cfg: ModelConfig) -> Cache:
+    """Inside a jitted step: pin the cache to its sharding (no-op at tp 1), so that a step returns the cache
+    exactly as it took it (donation aliases, nothing recompiles)."""
+    if cfg.tp == 1:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, named(cache_specs(cfg), cfg.tp))
 
 
 def copy_block(cache: Cache, src: jax.Array, dst: jax.Array) -> Cache:

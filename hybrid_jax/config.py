@@ -12,9 +12,13 @@ import math
 from typing import Any
 
 FAMILIES = ("nemotron_h", "granitemoehybrid", "bamba")
-_NEMOTRON_KIND = {"M": "mamba", "mamba": "mamba", "linear_attention": "mamba",
-                  "*": "attention", "attention": "attention", "full_attention": "attention",
-                  "-": "mlp", "mlp": "mlp", "E": "moe", "moe": "moe"}
+#: NemotronH hybrid_override_pattern characters -> sublayer kind.
+PATTERN_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+#: Layer type spellings of saved configs (layers_block_type / layer_types; transformers 5 writes linear_attention
+#: and full_attention) -> sublayer kind.
+LAYER_TYPE_KINDS = {"mamba": "mamba", "linear_attention": "mamba", "attention": "attention",
+                    "full_attention": "attention", "mlp": "mlp", "moe": "moe"}
+_NEMOTRON_KIND = PATTERN_KINDS | LAYER_TYPE_KINDS
 
 
 class ConfigError(ValueError):
@@ -229,26 +233,36 @@ def from_hf(hf: dict) -> ModelConfig:
                   torch_dtype=_torch_dtype(hf),
                   num_heads=heads, num_kv_heads=kv)
     if family == "nemotron_h":
-        head_dim = int(hf.get("head_dim") or hf.get("attention_head_dim") or H // heads)
-        limit = hf.get("time_step_limit", (0.0, float("inf")))
-        n_heads = int(hf.get("mamba_num_heads"))
-        common["tie_word_embeddings"] = False  # NemotronH always has its own lm_head
-        sublayers = _nemotron_sublayers(hf)
-        return ModelConfig(
-            **common, sublayers=sublayers, moe=_nemotron_moe(hf) if "moe" in sublayers else None, rms_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)),
-            attn_scale=1.0 / math.sqrt(head_dim), rope_dim=0, rope_theta=0.0,
-            intermediate_size=int(hf["intermediate_size"]), mlp_kind=_relu2(hf.get("mlp_hidden_act", "relu2")),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            mamba_heads=n_heads, mamba_head_dim=int(hf["mamba_head_dim"]),
-            mamba_groups=int(hf.get("n_groups", hf.get("mamba_n_groups", 1))),
-            d_state=int(hf.get("ssm_state_size", hf.get("mamba_d_state", 128))),
-            d_conv=int(hf.get("conv_kernel", hf.get("mamba_d_conv", 4))),
-            chunk_size=int(hf.get("chunk_size", hf.get("mamba_chunk_size", 128))),
-            conv_bias=bool(hf.get("use_conv_bias", True)), mamba_proj_bias=bool(hf.get("use_bias", False)),
-            dt_min=_float(limit[0]), dt_max=_float(limit[1]))
+        return _nemotron_config(hf, common)
+    return _granite_bamba_config(hf, common)
 
-    # Granite 4.0-H and Bamba share the Mamba2 field names.
+
+def _nemotron_config(hf: dict, common: dict) -> ModelConfig:
+    H, heads = common["hidden_size"], common["num_heads"]
+    head_dim = int(hf.get("head_dim") or hf.get("attention_head_dim") or H // heads)
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    n_heads = int(hf.get("mamba_num_heads"))
+    common["tie_word_embeddings"] = False  # NemotronH always has its own lm_head
+    sublayers = _nemotron_sublayers(hf)
+    return ModelConfig(
+        **common, sublayers=sublayers, moe=_nemotron_moe(hf) if "moe" in sublayers else None,
+        rms_eps=float(hf.get("layer_norm_epsilon", 1e-5)), head_dim=head_dim,
+        attention_bias=bool(hf.get("attention_bias", False)),
+        attn_scale=1.0 / math.sqrt(head_dim), rope_dim=0, rope_theta=0.0,
+        intermediate_size=int(hf["intermediate_size"]), mlp_kind=_relu2(hf.get("mlp_hidden_act", "relu2")),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mamba_heads=n_heads, mamba_head_dim=int(hf["mamba_head_dim"]),
+        mamba_groups=int(hf.get("n_groups", hf.get("mamba_n_groups", 1))),
+        d_state=int(hf.get("ssm_state_size", hf.get("mamba_d_state", 128))),
+        d_conv=int(hf.get("conv_kernel", hf.get("mamba_d_conv", 4))),
+        chunk_size=int(hf.get("chunk_size", hf.get("mamba_chunk_size", 128))),
+        conv_bias=bool(hf.get("use_conv_bias", True)), mamba_proj_bias=bool(hf.get("use_bias", False)),
+        dt_min=_float(limit[0]), dt_max=_float(limit[1]))
+
+
+def _granite_bamba_config(hf: dict, common: dict) -> ModelConfig:
+    """Granite 4.0-H and Bamba share the Mamba2 field names."""
+    family, H, heads = common["family"], common["hidden_size"], common["num_heads"]
     head_dim = int(hf.get("head_dim") or H // heads)
     moe = None
     if family == "granitemoehybrid":
@@ -280,7 +294,8 @@ def from_hf(hf: dict) -> ModelConfig:
     d_head = hf.get("mamba_d_head", "auto")
     mamba_head_dim = expand_inner // n_heads if d_head in (None, "auto") else int(d_head)
     return ModelConfig(
-        **common, **scalars, sublayers=tuple(sub), moe=moe, rms_eps=float(hf.get("rms_norm_eps", 1e-6 if family == "granitemoehybrid" else 1e-5)),
+        **common, **scalars, sublayers=tuple(sub), moe=moe,
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6 if family == "granitemoehybrid" else 1e-5)),
         head_dim=head_dim, attention_bias=bool(hf.get("attention_bias", False)), attn_scale=scale,
         rope_dim=rope_dim, rope_theta=theta, intermediate_size=intermediate, mlp_kind="swiglu",
         mlp_bias=bool(hf.get("mlp_bias", False)),

@@ -22,18 +22,15 @@ from __future__ import annotations
 import json
 import os
 
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
 from hybrid_jax.config import ModelConfig, from_hf
 from hybrid_jax.loader import FLOAT32_PARAMS, FusedPart, PerExpert, sublayer_sources, top_level_names
+from hybrid_jax.weights_file import STORAGE_DTYPES, storage_dtype
 
 __all__ = ["save_pretrained", "to_hf_tensors"]
 
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
-            "half": "float16", "float": "float32"}
 _F32_ALWAYS = FLOAT32_PARAMS
 
 
@@ -54,16 +51,9 @@ def _layer_names(cfg: ModelConfig) -> list[dict[str, str]]:
     return sublayer_sources(cfg, top_level_names(cfg)[0].split(".")[0] + ".")
 
 
-def _canon(dtype: str) -> str:
-    d = _ALIASES.get(str(dtype), str(dtype))
-    if d not in _NP_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; one of {sorted(_NP_DTYPES)}")
-    return d
-
-
 def to_hf_tensors(params: dict, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Checkpoint tensor name -> numpy array in torch layout, cast to dtype (Mamba A_log/D/dt_bias stay f32)."""
-    np_dtype = _NP_DTYPES[_canon(dtype)]
+    np_dtype = STORAGE_DTYPES[storage_dtype(dtype)]
 
     def cast(name: str, a) -> np.ndarray:
         a = np.asarray(a)
@@ -111,7 +101,7 @@ def save_pretrained(params: dict, cfg_dict: dict, out_dir: str, dtype: str = "fl
 
     params is the pytree `load_pretrained` returns for cfg_dict (projections [in, out]). Returns out_dir.
     """
-    dtype = _canon(dtype)
+    dtype = storage_dtype(dtype)
     cfg = from_hf(cfg_dict)
     tensors = to_hf_tensors(params, cfg, dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import struct
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model import SpanBatch, _logits, _run_span
+from hybrid_jax.model import SpanBatch, donating_step, last_valid, logits, run_span
 from hybrid_jax.sampling import LogitAdjust, SamplingBatch, mask_words, sample_tokens
 
 NUM_STOP = 8
@@ -67,16 +67,14 @@ def neutral_adjust(rows: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sampled(params, h_BD, sb, adj, cfg, rows_out):
-    tok, lp, top_ids, top_lp = sample_tokens(_logits(params, h_BD, cfg), sb, adj)
+    tok, lp, top_ids, top_lp = sample_tokens(logits(params, h_BD, cfg), sb, adj)
     return Sampled(jnp.zeros((rows_out,), jnp.int32).at[:tok.shape[0]].set(tok), lp, top_ids, top_lp)
 
 
 def _prefill_step(params, cache, ints, floats, masks, bias, *, cfg, T, rows_out):
     batch, sb, _, _ = _unpack(ints, floats, T)
-    h, cache = _run_span(params, cache, batch, cfg, decode=False)
-    last = jnp.maximum(batch.length - 1, 0)
-    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-    return _sampled(params, h_last, sb, LogitAdjust(masks, bias), cfg, rows_out), cache
+    h, cache = run_span(params, cache, batch, cfg, decode=False)
+    return _sampled(params, last_valid(h, batch.length), sb, LogitAdjust(masks, bias), cfg, rows_out), cache
 
 
 def _decode_step(params, cache, ints, floats, masks, bias, prev_token, *, cfg, rows_out):
@@ -85,19 +83,19 @@ def _decode_step(params, cache, ints, floats, masks, bias, prev_token, *, cfg, r
     tok = jnp.where(from_prev, prev_token[jnp.clip(src, 0, prev_token.shape[0] - 1)], batch.tokens[:, 0])
     stopped = from_prev & jnp.any(tok[:, None] == stops, axis=1)
     batch = batch.replace(tokens=tok[:, None], length=jnp.where(stopped, 0, batch.length))
-    h, cache = _run_span(params, cache, batch, cfg, decode=True)
+    h, cache = run_span(params, cache, batch, cfg, decode=True)
     return _sampled(params, h[:, 0], sb, LogitAdjust(masks, bias), cfg, rows_out), cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=32)
 def make_serving_steps(cfg: ModelConfig, rows_out: int):
     """(prefill(params, cache, ints, floats, masks, bias, *, T), decode(params, cache, ints, floats, masks, bias,
     prev_token)).
 
-    Both are jitted and donate `cache` (argument 1) only; T is static (the chunk bucket); masks and bias are the
-    rows' LogitAdjust; prev_token is [rows_out] int32.
+    Both are jitted by hybrid_jax/model.py `donating_step`, as `make_steps` builds its steps, and donate `cache`
+    (argument 1) only; T is static (the chunk bucket); masks and bias are the rows' LogitAdjust; prev_token is
+    [rows_out] int32.
     """
-    prefill = jax.jit(functools.partial(_prefill_step, cfg=cfg, rows_out=rows_out), static_argnames="T",
-                      donate_argnums=1)
-    decode = jax.jit(functools.partial(_decode_step, cfg=cfg, rows_out=rows_out), donate_argnums=1)
+    prefill = donating_step(_prefill_step, static_argnames="T", cfg=cfg, rows_out=rows_out)
+    decode = donating_step(_decode_step, cfg=cfg, rows_out=rows_out)
     return prefill, decode

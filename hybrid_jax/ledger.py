@@ -73,7 +73,8 @@ class Ledger:
     def free_slots(self) -> int:
         return int(np.sum(self.slots == SLOT_FREE))
 
-    def _with(self, **kw) -> "Ledger":
+    def replace(self, **kw) -> "Ledger":
+        """A copy with the fields in kw changed (the ledger is a value: nothing is modified)."""
         return dataclasses.replace(self, **kw)
 
 
@@ -89,7 +90,8 @@ def blocks_for(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
-def _alloc_blocks(rc: np.ndarray, n: int) -> list[int]:
+def alloc_blocks(rc: np.ndarray, n: int) -> list[int]:
+    """Take n free blocks (refcount 0 -> 1) in the refcount array rc, modified in place; raises OutOfBlocks."""
     free = np.flatnonzero(rc == 0)[:n]
     if len(free) < n:
         raise OutOfBlocks(f"need {n} KV blocks, {int(np.sum(rc == 0))} free")
@@ -97,7 +99,9 @@ def _alloc_blocks(rc: np.ndarray, n: int) -> list[int]:
     return [int(b) for b in free]
 
 
-def _alloc_slot(slots: np.ndarray) -> int:
+def alloc_slot(slots: np.ndarray) -> int:
+    """Take the first free slot (SLOT_FREE -> SLOT_OWNED) in the slot array, modified in place; raises
+    OutOfSlots."""
     free = np.flatnonzero(slots == SLOT_FREE)
     if len(free) == 0:
         raise OutOfSlots("no free Mamba state slot")
@@ -105,14 +109,16 @@ def _alloc_slot(slots: np.ndarray) -> int:
     return int(free[0])
 
 
-def _ids(*ids) -> np.ndarray:
+def host_ids(*ids) -> np.ndarray:
     """A host int32 index vector: jitted calls take it as is (a jnp array built from a list would be an
     eagerly compiled conversion)."""
     return np.asarray(ids, np.int32)
 
 
-_copy_block = jax.jit(copy_block, donate_argnums=0)
-_copy_slot = jax.jit(copy_slot, donate_argnums=0)
+#: Jitted `cache.copy_block` / `cache.copy_slot` taking (cache, src ids, dst ids); both donate `cache`
+#: (argument 0): the caller must use the returned cache.
+copy_block_in_place = jax.jit(copy_block, donate_argnums=0)
+copy_slot_in_place = jax.jit(copy_slot, donate_argnums=0)
 
 
 def attach(ledger: Ledger, cache: Cache, key: Hashable | None, *, snapshot: bool = False):
@@ -124,25 +130,25 @@ def attach(ledger: Ledger, cache: Cache, key: Hashable | None, *, snapshot: bool
     OutOfBlocks/OutOfSlots leaving nothing changed (the inputs are not modified).
     """
     rc, slots = ledger.refcount.copy(), ledger.slots.copy()
-    slot = _alloc_slot(slots)
-    snap = _alloc_slot(slots) if snapshot else NULL_SLOT
+    slot = alloc_slot(slots)
+    snap = alloc_slot(slots) if snapshot else NULL_SLOT
     turn = ledger.turns.get(key) if key is not None else None
     if turn is None:
-        return ledger._with(refcount=rc, slots=slots), cache, Pending(key, 0, (), 0, slot, snap)
+        return ledger.replace(refcount=rc, slots=slots), cache, Pending(key, 0, (), 0, slot, snap)
     bs = ledger.block_size
     n_full = turn.length // bs
     shared = list(turn.blocks[:n_full])
     rc[shared] += 1
     blocks = list(shared)
     if turn.length % bs:
-        (tail,) = _alloc_blocks(rc, 1)
-        cache = _copy_block(cache, _ids(turn.blocks[n_full]), _ids(tail))
+        (tail,) = alloc_blocks(rc, 1)
+        cache = copy_block_in_place(cache, host_ids(turn.blocks[n_full]), host_ids(tail))
         blocks.append(tail)
-    cache = _copy_slot(cache, _ids(turn.slot), _ids(slot))
+    cache = copy_slot_in_place(cache, host_ids(turn.slot), host_ids(slot))
     pending = Pending(key, turn.length, tuple(blocks), n_full, slot, snap, turn.length if snapshot else 0, key)
     if snapshot:
-        cache = _copy_slot(cache, _ids(turn.slot), _ids(snap))
-    return ledger._with(refcount=rc, slots=slots), cache, pending
+        cache = copy_slot_in_place(cache, host_ids(turn.slot), host_ids(snap))
+    return ledger.replace(refcount=rc, slots=slots), cache, pending
 
 
 def fork(ledger: Ledger, cache: Cache, pending: Pending, length: int, key: Hashable):
@@ -150,25 +156,25 @@ def fork(ledger: Ledger, cache: Cache, pending: Pending, length: int, key: Hasha
     goes on: its full blocks are shared (refcount + 1), its tail block and its slot are copied into a block and a
     slot of the new turn. Returns (ledger, cache); raises OutOfBlocks/OutOfSlots with nothing changed."""
     rc, slots = ledger.refcount.copy(), ledger.slots.copy()
-    slot = _alloc_slot(slots)
+    slot = alloc_slot(slots)
     slots[slot] = SLOT_COMMITTED
     n_full = length // ledger.block_size
     blocks = list(pending.blocks[:n_full])
-    tail = _alloc_blocks(rc, 1) if length % ledger.block_size else []
+    tail = alloc_blocks(rc, 1) if length % ledger.block_size else []
     rc[blocks] += 1
     if tail:
-        cache = _copy_block(cache, _ids(pending.blocks[n_full]), _ids(tail[0]))
-    cache = _copy_slot(cache, _ids(pending.slot), _ids(slot))
+        cache = copy_block_in_place(cache, host_ids(pending.blocks[n_full]), host_ids(tail[0]))
+    cache = copy_slot_in_place(cache, host_ids(pending.slot), host_ids(slot))
     turns = dict(ledger.turns)
     turns[key] = Turn(length, tuple(blocks + tail), slot, ledger.clock + 1)
-    return ledger._with(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1), cache
+    return ledger.replace(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1), cache
 
 
 def touch(ledger: Ledger, key: Hashable) -> Ledger:
     """Mark a committed turn as just used (LRU)."""
     turns = dict(ledger.turns)
     turns[key] = dataclasses.replace(turns[key], last_used=ledger.clock + 1)
-    return ledger._with(turns=turns, clock=ledger.clock + 1)
+    return ledger.replace(turns=turns, clock=ledger.clock + 1)
 
 
 def reserve(ledger: Ledger, pending: Pending, total_len: int) -> tuple[Ledger, Pending]:
@@ -177,8 +183,8 @@ def reserve(ledger: Ledger, pending: Pending, total_len: int) -> tuple[Ledger, P
     if need <= 0:
         return ledger, pending
     rc = ledger.refcount.copy()
-    new = _alloc_blocks(rc, need)
-    return ledger._with(refcount=rc), dataclasses.replace(pending, blocks=pending.blocks + tuple(new))
+    new = alloc_blocks(rc, need)
+    return ledger.replace(refcount=rc), dataclasses.replace(pending, blocks=pending.blocks + tuple(new))
 
 
 def _release_blocks(rc: np.ndarray, blocks) -> None:
@@ -199,7 +205,7 @@ def release(ledger: Ledger, pending: Pending) -> Ledger:
     for s in (pending.slot, pending.snap_slot):
         if s != NULL_SLOT:
             slots[s] = SLOT_FREE
-    return ledger._with(refcount=rc, slots=slots)
+    return ledger.replace(refcount=rc, slots=slots)
 
 
 def publish(ledger: Ledger, pending: Pending, length: int, *, use_snapshot: bool = False) -> Ledger:
@@ -226,7 +232,7 @@ def publish(ledger: Ledger, pending: Pending, length: int, *, use_snapshot: bool
     else:
         _release_blocks(rc, pending.blocks[:keep])
         slots[slot] = SLOT_FREE
-    return ledger._with(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1)
+    return ledger.replace(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1)
 
 
 def commit(ledger: Ledger, pending: Pending, ok: bool, length: int, *, use_snapshot: bool = False) -> Ledger:
@@ -241,13 +247,7 @@ def evict(ledger: Ledger, key: Hashable) -> Ledger:
     rc, slots = ledger.refcount.copy(), ledger.slots.copy()
     turns = dict(ledger.turns)
     _release_turn(rc, slots, turns.pop(key))
-    return ledger._with(refcount=rc, slots=slots, turns=turns)
-
-
-def lru_victim(ledger: Ledger, exclude=frozenset()) -> Hashable | None:
-    """The least recently committed turn not in `exclude` (conversations with a turn in flight)."""
-    cands = [(t.last_used, i, k) for i, (k, t) in enumerate(ledger.turns.items()) if k not in exclude]
-    return min(cands)[2] if cands else None
+    return ledger.replace(refcount=rc, slots=slots, turns=turns)
 
 
 def check(ledger: Ledger, pendings=()) -> None:

@@ -28,7 +28,8 @@ import numpy as np
 
 from hybrid_jax.config import ConfigError, ModelConfig, from_hf
 from hybrid_jax.stack import KINDS
-from hybrid_jax.weights_file import CheckpointError, Weights, read_raw_tensor, release_freed_memory
+from hybrid_jax.weights_file import (STORAGE_DTYPES, CheckpointError, Weights, read_raw_tensor, release_freed_memory,
+                                     storage_dtype)
 
 
 def read_config(path: str) -> dict:
@@ -213,9 +214,6 @@ def read_spec(w, spec, keys) -> tuple[np.ndarray, str]:
     return w.get(spec), spec
 
 
-_DTYPE_NAMES = {"float32": jnp.float32, "float": jnp.float32, "fp32": jnp.float32,
-                "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-                "float16": jnp.float16, "half": jnp.float16, "fp16": jnp.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 #: Mamba parameters that enter exp/softplus of the recurrence, and the MoE router's correction bias (float32 in
 #: transformers whatever the model dtype): float32 whatever the dtype.
@@ -224,21 +222,23 @@ FLOAT32_PARAMS = ("A_log", "D", "dt_bias", "router_bias")
 
 def resolve_dtype(cfg: ModelConfig, dtype="auto") -> jnp.dtype:
     """The parameter (and cache) dtype: "auto" (or None) -> the checkpoint's torch_dtype (cfg.torch_dtype);
-    "float32" / "bfloat16" / "float16" (or a dtype) -> that. Raises ConfigError for anything else."""
+    "float32" / "bfloat16" / "float16" (or an alias of weights_file.DTYPE_ALIASES, or a dtype) -> that. Raises
+    ConfigError for anything else."""
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
         name, where = cfg.torch_dtype, f"the checkpoint's torch_dtype {cfg.torch_dtype!r}"
     else:
         name, where = dtype, f"dtype {dtype!r}"
     if isinstance(name, str):
-        key = name.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_NAMES:
-            return jnp.dtype(_DTYPE_NAMES[key])
+        try:
+            return jnp.dtype(STORAGE_DTYPES[storage_dtype(name.strip())])
+        except ValueError:
+            pass
     else:
         try:
             d = jnp.dtype(name)
         except TypeError:
             d = None
-        if d in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        if d in [jnp.dtype(t) for t in STORAGE_DTYPES.values()]:
             return d
     raise ConfigError(f"{where} is not a supported parameter dtype; pass --dtype (dtype=) one of "
                       f"float32, bfloat16, float16")

@@ -19,6 +19,8 @@ import dataclasses
 import logging
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig
@@ -70,7 +72,6 @@ def format_bytes(n: int | float) -> str:
 
 
 def _itemsize(dtype) -> int:
-    import jax.numpy as jnp
     return jnp.dtype(dtype).itemsize
 
 
@@ -98,7 +99,6 @@ def device_memory_bytes(device=None) -> int | None:
     (`XLA_PYTHON_CLIENT_MEM_FRACTION` sets the fraction), not the whole of it."""
     try:
         if device is None:
-            import jax
             device = jax.devices()[0]
         if getattr(device, "platform", None) == "cpu":
             return None
@@ -113,7 +113,6 @@ def device_memory_bytes(device=None) -> int | None:
 def param_bytes(params) -> int:
     """Bytes of a params pytree (numpy or jax arrays) on one device: a sharded jax array counts its shard on
     the first device that holds one (the whole array when it is replicated or on one device)."""
-    import jax
     total = 0
     for leaf in jax.tree_util.tree_leaves(params):
         shards = getattr(leaf, "addressable_shards", None)
@@ -229,65 +228,81 @@ def plan_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: int, 
     Raises CachePlanError, naming the flag to change, when the budget cannot hold the minimum, when explicit
     num_blocks / num_slots are below the minimum, or when they do not fit in the budget.
     """
-    block_size, max_model_len = int(block_size), int(max_model_len)
-    max_num_seqs, slots_per_seq = int(max_num_seqs), int(slots_per_seq)
-    if block_size <= 0:
-        raise CachePlanError(f"--block-size must be positive, got {block_size}")
-    if max_model_len <= 0:
-        raise CachePlanError(f"--max-model-len must be positive, got {max_model_len}")
-    if max_num_seqs <= 0:
-        raise CachePlanError(f"--max-num-seqs must be positive, got {max_num_seqs}")
-    if slots_per_seq <= 0:
-        raise ValueError(f"slots_per_seq must be positive, got {slots_per_seq}")
-    bb, sb = block_bytes(cfg, block_size, dtype), slot_bytes(cfg, dtype)
-    seq_blocks = -(-max_model_len // block_size)
-    min_blocks = seq_blocks + 1
-    min_slots = slots_per_seq * max_num_seqs + 1
-    if num_blocks is not None and int(num_blocks) < min_blocks:
-        raise CachePlanError(
-            f"--num-blocks={num_blocks} cannot hold one sequence of --max-model-len={max_model_len}: that takes "
-            f"{seq_blocks} blocks of {block_size} tokens plus the scratch block, {min_blocks}; raise --num-blocks "
-            f"or lower --max-model-len")
-    if num_slots is not None and int(num_slots) < min_slots:
-        raise CachePlanError(
-            f"--num-slots={num_slots} is too small for --max-num-seqs={max_num_seqs}: running requests hold "
-            f"{slots_per_seq * max_num_seqs} state slots ({slots_per_seq} each) plus the scratch slot, "
-            f"{min_slots}; raise --num-slots or lower --max-num-seqs")
-
+    need = _Need(int(block_size), int(max_model_len), int(max_num_seqs), int(slots_per_seq), cfg, dtype)
+    need.check(num_blocks, num_slots)
     budget, flag = _budget(kv_memory, gpu_memory_utilization, device_memory, weight_bytes)
     if budget is None:
-        nb = int(num_blocks) if num_blocks is not None else 2 * max_num_seqs * seq_blocks + 1
-        ns = int(num_slots) if num_slots is not None else slots_per_seq * max_num_seqs + max_num_seqs + 1
-        return CachePlan(nb, ns, block_size, bb, sb, None)
+        nb = int(num_blocks) if num_blocks is not None else 2 * need.max_num_seqs * need.seq_blocks + 1
+        ns = (int(num_slots) if num_slots is not None
+              else need.slots_per_seq * need.max_num_seqs + need.max_num_seqs + 1)
+        return CachePlan(nb, ns, need.block_size, need.bb, need.sb, None)
+    return _fit_budget(need, budget, flag, num_blocks, num_slots)
 
-    need = min_blocks * bb + min_slots * sb
-    if budget < need:
+
+@dataclasses.dataclass(frozen=True)
+class _Need:
+    """What a plan must hold: one sequence of max_model_len and the slots of max_num_seqs running requests."""
+    block_size: int
+    max_model_len: int
+    max_num_seqs: int
+    slots_per_seq: int
+    cfg: ModelConfig
+    dtype: object
+
+    @property
+    def bb(self) -> int:
+        return block_bytes(self.cfg, self.block_size, self.dtype)
+
+    @property
+    def sb(self) -> int:
+        return slot_bytes(self.cfg, self.dtype)
+
+    @property
+    def seq_blocks(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def min_blocks(self) -> int:
+        return self.seq_blocks + 1
+
+    @property
+    def min_slots(self) -> int:
+        return self.slots_per_seq * self.max_num_seqs + 1
+
+    def check(self, num_blocks, num_slots) -> None:
+        """Raise CachePlanError for sizes that are not positive or explicit counts below the minimum."""
+        if self.block_size <= 0:
+            raise CachePlanError(f"--block-size must be positive, got {self.block_size}")
+        if self.max_model_len <= 0:
+            raise CachePlanError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.max_num_seqs <= 0:
+            raise CachePlanError(f"--max-num-seqs must be positive, got {self.max_num_seqs}")
+        if self.slots_per_seq <= 0:
+            raise ValueError(f"slots_per_seq must be positive, got {self.slots_per_seq}")
+        if num_blocks is not None and int(num_blocks) < self.min_blocks:
+            raise CachePlanError(
+                f"--num-blocks={num_blocks} cannot hold one sequence of --max-model-len={self.max_model_len}: that "
+                f"takes {self.seq_blocks} blocks of {self.block_size} tokens plus the scratch block, "
+                f"{self.min_blocks}; raise --num-blocks or lower --max-model-len")
+        if num_slots is not None and int(num_slots) < self.min_slots:
+            raise CachePlanError(
+                f"--num-slots={num_slots} is too small for --max-num-seqs={self.max_num_seqs}: running requests "
+                f"hold {self.slots_per_seq * self.max_num_seqs} state slots ({self.slots_per_seq} each) plus the "
+                f"scratch slot, {self.min_slots}; raise --num-slots or lower --max-num-seqs")
+
+
+def _fit_budget(need: _Need, budget: int, flag: str, num_blocks, num_slots) -> CachePlan:
+    """The plan of `need` within budget bytes (from `flag`), see plan_cache."""
+    bb, sb, min_blocks, min_slots = need.bb, need.sb, need.min_blocks, need.min_slots
+    if budget < min_blocks * bb + min_slots * sb:
         raise CachePlanError(
             f"{flag}: the cache budget of {format_bytes(budget)} cannot hold one sequence of "
-            f"--max-model-len={max_model_len} ({min_blocks} KV blocks of {format_bytes(bb)}, "
-            f"{format_bytes(min_blocks * bb)}) plus the Mamba state of --max-num-seqs={max_num_seqs} running "
+            f"--max-model-len={need.max_model_len} ({min_blocks} KV blocks of {format_bytes(bb)}, "
+            f"{format_bytes(min_blocks * bb)}) plus the Mamba state of --max-num-seqs={need.max_num_seqs} running "
             f"requests ({min_slots} slots of {format_bytes(sb)}, {format_bytes(min_slots * sb)}): it needs at "
-            f"least {format_bytes(need)}. Raise {BUDGET_FLAGS}, or lower --max-model-len or --max-num-seqs")
-
-    if num_slots is not None:
-        ns = int(num_slots)
-        blocks_needed = int(num_blocks) if num_blocks is not None else min_blocks
-        if ns * sb + blocks_needed * bb > budget:
-            raise CachePlanError(
-                f"--num-slots={ns} ({format_bytes(ns * sb)} of Mamba state) plus {blocks_needed} KV blocks "
-                f"({format_bytes(blocks_needed * bb)}) exceed the {flag} budget of {format_bytes(budget)}; lower "
-                f"--num-slots" + (" or --num-blocks" if num_blocks is not None else "") + f" or raise {flag}")
-    else:
-        blocks_taken = (int(num_blocks) if num_blocks is not None else min_blocks) * bb
-        if blocks_taken + min_slots * sb > budget:  # only reachable with an explicit num_blocks
-            raise CachePlanError(
-                f"--num-blocks={num_blocks} ({format_bytes(blocks_taken)}) plus the {min_slots} Mamba state "
-                f"slots of --max-num-seqs={max_num_seqs} running requests ({format_bytes(min_slots * sb)}) exceed "
-                f"the {flag} budget of {format_bytes(budget)}; lower --num-blocks or raise {flag}")
-        target = slots_per_seq * max_num_seqs + max(max_num_seqs, CACHED_CONVERSATIONS_PER_SEQ * max_num_seqs) + 1
-        half = (budget // 2) // sb
-        room = (budget - blocks_taken) // sb
-        ns = max(min_slots, min(target, half, room))
+            f"least {format_bytes(min_blocks * bb + min_slots * sb)}. Raise {BUDGET_FLAGS}, or lower "
+            f"--max-model-len or --max-num-seqs")
+    ns = _fit_slots(need, budget, flag, num_blocks, num_slots)
     if num_blocks is not None:
         nb = int(num_blocks)
         if nb * bb + ns * sb > budget:
@@ -297,10 +312,34 @@ def plan_cache(cfg: ModelConfig, *, dtype, block_size: int, max_model_len: int, 
                 f"--num-blocks or --num-slots, or raise {flag}")
     else:
         nb = (budget - ns * sb) // bb
-    plan = CachePlan(int(nb), int(ns), block_size, bb, sb, int(budget))
+    plan = CachePlan(int(nb), int(ns), need.block_size, bb, sb, int(budget))
     assert plan.total_bytes <= budget and nb >= min_blocks and ns >= min_slots, plan
     return plan
 
+
+def _fit_slots(need: _Need, budget: int, flag: str, num_blocks, num_slots) -> int:
+    """The slots of a budgeted plan: num_slots if it fits, else the default share (see plan_cache)."""
+    bb, sb, min_slots, max_num_seqs = need.bb, need.sb, need.min_slots, need.max_num_seqs
+    if num_slots is not None:
+        ns = int(num_slots)
+        blocks_needed = int(num_blocks) if num_blocks is not None else need.min_blocks
+        if ns * sb + blocks_needed * bb > budget:
+            raise CachePlanError(
+                f"--num-slots={ns} ({format_bytes(ns * sb)} of Mamba state) plus {blocks_needed} KV blocks "
+                f"({format_bytes(blocks_needed * bb)}) exceed the {flag} budget of {format_bytes(budget)}; lower "
+                f"--num-slots" + (" or --num-blocks" if num_blocks is not None else "") + f" or raise {flag}")
+        return ns
+    blocks_taken = (int(num_blocks) if num_blocks is not None else need.min_blocks) * bb
+    if blocks_taken + min_slots * sb > budget:  # only reachable with an explicit num_blocks
+        raise CachePlanError(
+            f"--num-blocks={num_blocks} ({format_bytes(blocks_taken)}) plus the {min_slots} Mamba state "
+            f"slots of --max-num-seqs={max_num_seqs} running requests ({format_bytes(min_slots * sb)}) exceed "
+            f"the {flag} budget of {format_bytes(budget)}; lower --num-blocks or raise {flag}")
+    target = (need.slots_per_seq * max_num_seqs + max(max_num_seqs, CACHED_CONVERSATIONS_PER_SEQ * max_num_seqs)
+              + 1)
+    half = (budget // 2) // sb
+    room = (budget - blocks_taken) // sb
+    return max(min_slots, min(target, half, room))
 
 __all__ = ["BUDGET_FLAGS", "CACHED_CONVERSATIONS_PER_SEQ", "CachePlan", "CachePlanError", "block_bytes",
            "device_memory_bytes", "format_bytes", "param_bytes", "parse_bytes", "plan_cache", "slot_bytes"]

@@ -9,9 +9,9 @@ from flax import struct
 
 import pallas_kernels as pk
 from hybrid_jax import layers as L
-from hybrid_jax.cache import NULL_BLOCK, Cache, MambaState, PagedKV
+from hybrid_jax.cache import NULL_BLOCK, Cache, MambaState, PagedKV, constrain_cache
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.sharding import constrain_cache, replicated
+from hybrid_jax.mesh import replicated
 from hybrid_jax.stack import Mixers, run_stack
 
 
@@ -19,15 +19,17 @@ def _embed(params, tokens, cfg: ModelConfig):
     return params["embed"][tokens] * jnp.asarray(cfg.embedding_multiplier, params["embed"].dtype)
 
 
-def _logits(params, h, cfg: ModelConfig):
+def logits(params, h, cfg: ModelConfig):
+    """Logits float32 of final hidden states h [..., D] (gathered onto every device with tensor parallelism)."""
     h = L.rms_norm(h, params["final_norm"], cfg.rms_eps)
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("...d,vd->...v", h, head, preferred_element_type=jnp.float32)
-    return replicated(logits / cfg.logits_scaling, cfg)  # tensor parallel: gathered once, here
+    out = jnp.einsum("...d,vd->...v", h, head, preferred_element_type=jnp.float32)
+    return replicated(out / cfg.logits_scaling, cfg)  # tensor parallel: gathered once, here
 
 
 def forward(params, cfg: ModelConfig, tokens):
-    """Logits [B,T,V] float32 of int32 tokens [B,T], from scratch (no cache). params: list or stacked form."""
+    """Logits [B,T,V] float32 of int32 tokens [B,T], from scratch (no cache). params: list or stacked form.
+    Jitted per cfg; donates nothing."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return _forward_jit(params, tokens, cfg=cfg)
 
@@ -46,7 +48,7 @@ def _forward_jit(params, tokens, *, cfg: ModelConfig):
                     attend=lambda p, q, k, v, state, j: L.dense_causal_attention(q, k, v, cfg.attn_scale).reshape(
                         B, T, -1))
     h, _ = run_stack(params, _embed(params, tokens, cfg), pos, (), cfg, mixers)
-    return _logits(params, h, cfg)
+    return logits(params, h, cfg)
 
 
 @struct.dataclass
@@ -83,16 +85,17 @@ def _pad_row(batch: SpanBatch) -> SpanBatch:
     return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])]), batch)
 
 
-def _run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: bool):
-    """Run a span batch through the stack against the cache pools, updating them in place.
+def run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: bool):
+    """(h [B,T,D] after the stack, the cache): a span batch run through the stack against the cache pools,
+    updating them in place (traced inside a step that donates the cache).
 
     The pools ride in the layer scan's carry: each layer gathers its rows' state (B rows) and scatters the new
-    state back, so no step copies or rewrites a whole pool (tests/test_no_pool_copy.py checks the programs).
+    state back, so no step copies or rewrites a whole pool (tests/test_engine_scale.py checks the programs).
     """
     if batch.tokens.shape[0] == 1:
         # One row: XLA turns the state scatter into a dynamic-update-slice and then copies the whole SSM pool
         # inside the layer loop. A second (padding) row keeps it a scatter, updated in place.
-        h, cache = _run_span(params, cache, _pad_row(batch), cfg, decode)
+        h, cache = run_span(params, cache, _pad_row(batch), cfg, decode)
         return h[:1], cache
     B, T = batch.tokens.shape
     pos = batch.start[:, None] + jnp.arange(T)[None, :]
@@ -138,29 +141,39 @@ def _run_span(params, cache: Cache, batch: SpanBatch, cfg: ModelConfig, decode: 
     return h, constrain_cache(new_cache, cfg)
 
 
+def last_valid(h_BTD, length_B):
+    """h [B,D] at each row's last valid token (row b's position length[b] - 1; 0 for a padding row)."""
+    last = jnp.maximum(length_B - 1, 0)
+    return jnp.take_along_axis(h_BTD, last[:, None, None], axis=1)[:, 0]
+
+
+def donating_step(fn, *, static_argnames=(), **bound):
+    """jax.jit of a step fn(params, cache, ...) with the keyword arguments `bound` fixed. Every cached step is
+    built here: it donates `cache` (argument 1), whose buffers are updated in place, so the caller must drop its
+    reference and use the returned cache."""
+    return jax.jit(functools.partial(fn, **bound), static_argnames=static_argnames, donate_argnums=1)
+
+
 def _prefill(params, cache, batch, *, cfg, all_logits):
-    h, cache = _run_span(params, cache, batch, cfg, decode=False)
-    if all_logits:
-        return _logits(params, h, cfg), cache
-    last = jnp.maximum(batch.length - 1, 0)
-    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
-    return _logits(params, h_last, cfg), cache
+    h, cache = run_span(params, cache, batch, cfg, decode=False)
+    return logits(params, h if all_logits else last_valid(h, batch.length), cfg), cache
 
 
 def _decode(params, cache, batch, *, cfg):
-    h, cache = _run_span(params, cache, batch, cfg, decode=True)
-    return _logits(params, h[:, 0], cfg), cache
+    h, cache = run_span(params, cache, batch, cfg, decode=True)
+    return logits(params, h[:, 0], cfg), cache
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=32)
 def make_steps(cfg: ModelConfig):
-    """Jitted (prefill, prefill_all_logits, decode) for cfg.
+    """Jitted (prefill, prefill_all_logits, decode) for cfg, each built by `donating_step`.
 
     Each takes (params, cache, batch) and donates `cache` (argument 1): its buffers are updated in place, so the
     caller must drop its reference and use the returned cache. prefill returns logits [B,V] of each row's last
     valid token; prefill_all_logits returns [B,T,V]; decode takes a SpanBatch with T == 1 and returns [B,V].
+    The engine's steps (hybrid_jax/fused.py `make_serving_steps`) run the same spans with sampling fused in.
     """
-    prefill = jax.jit(functools.partial(_prefill, cfg=cfg, all_logits=False), donate_argnums=1)
-    prefill_all = jax.jit(functools.partial(_prefill, cfg=cfg, all_logits=True), donate_argnums=1)
-    decode = jax.jit(functools.partial(_decode, cfg=cfg), donate_argnums=1)
+    prefill = donating_step(_prefill, cfg=cfg, all_logits=False)
+    prefill_all = donating_step(_prefill, cfg=cfg, all_logits=True)
+    decode = donating_step(_decode, cfg=cfg)
     return prefill, prefill_all, decode

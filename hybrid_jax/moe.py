@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hybrid_jax.config import ModelConfig, MoEConfig
+from hybrid_jax.mesh import AXIS, PARAM_DIM, mesh_for, spec
 from pallas_kernels import grouped_matmul
 
 EXPERTS = ("experts_up", "experts_gate", "experts_down")
-_EXPERT_TP_DIM = {"experts_up": -1, "experts_gate": -1, "experts_down": -2}
 
 
 def _linear(x, p, name):
@@ -80,13 +80,11 @@ def _routed_sharded(p, x_NX, w_NK, idx_NK, cfg: ModelConfig, layer=None):
     """routed_experts, split by the experts' inner dimension over the tensor parallel mesh (cfg.tp > 1)."""
     if cfg.tp == 1:
         return routed_experts(p, x_NX, w_NK, idx_NK, cfg.moe, layer)
-    from hybrid_jax.sharding import mesh_for
-
     experts = {k: p[k] for k in EXPERTS if k in p}
-    specs = {k: P(*([None] * (a.ndim + _EXPERT_TP_DIM[k])), "tp") for k, a in experts.items()}
+    specs = {k: spec(a.ndim, PARAM_DIM["moe"][k]) for k, a in experts.items()}
     j = jnp.asarray(0 if layer is None else layer, jnp.int32)
     part = lambda e, x, w, i, j: jax.lax.psum(routed_experts(e, x, w, i, cfg.moe, None if layer is None else j),
-                                              "tp")
+                                              AXIS)
     f = jax.shard_map(part, mesh=mesh_for(cfg.tp), in_specs=(specs, P(), P(), P(), P()), out_specs=P(),
                       check_vma=False)
     return f(experts, x_NX, w_NK, idx_NK, j)

@@ -28,7 +28,8 @@ class HostTurn:
         return self.k.nbytes + self.v.nbytes + self.conv.nbytes + self.ssm.nbytes
 
 
-def _padded(ids, fill=NULL_BLOCK) -> np.ndarray:
+def padded_ids(ids, fill=NULL_BLOCK) -> np.ndarray:
+    """ids as an int32 vector padded with `fill` to the next power-of-two length."""
     n = 1
     while n < len(ids):
         n *= 2
@@ -36,12 +37,16 @@ def _padded(ids, fill=NULL_BLOCK) -> np.ndarray:
 
 
 @jax.jit
-def _gather(cache: Cache, blocks, slot):
+def gather_arrays(cache: Cache, blocks, slot):
+    """(k, v, conv, ssm) of the KV blocks `blocks` and the Mamba slot `slot`, copied out of the cache (donates
+    nothing)."""
     return cache.kv.k[:, blocks], cache.kv.v[:, blocks], cache.mamba.conv[:, slot], cache.mamba.ssm[:, slot]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter(cache: Cache, blocks, slot, k, v, conv, ssm):
+def scatter_arrays(cache: Cache, blocks, slot, k, v, conv, ssm):
+    """The cache with (k, v, conv, ssm) written into blocks `blocks` and slot `slot`; donates `cache`
+    (argument 0): the caller must use the returned cache."""
     return Cache(kv=PagedKV(k=cache.kv.k.at[:, blocks].set(k), v=cache.kv.v.at[:, blocks].set(v)),
                  mamba=MambaState(conv=cache.mamba.conv.at[:, slot].set(conv),
                                   ssm=cache.mamba.ssm.at[:, slot].set(ssm)))
@@ -69,7 +74,7 @@ class DeviceTurn:
 def gather(cache: Cache, turn: L.Turn) -> DeviceTurn:
     """Start copying a committed turn's blocks and state slot out of the cache, without waiting (the same
     compiled programs as `to_host`; the ledger is not changed)."""
-    arrays = _gather(cache, _padded(turn.blocks), turn.slot)
+    arrays = gather_arrays(cache, padded_ids(turn.blocks), turn.slot)
     for a in arrays:
         a.copy_to_host_async()
     return DeviceTurn(turn.length, len(turn.blocks), tuple(arrays))
@@ -87,15 +92,15 @@ def from_host(ledger: L.Ledger, cache: Cache, key, host: HostTurn):
     """
     rc, slots = ledger.refcount.copy(), ledger.slots.copy()
     n = host.k.shape[1]
-    blocks = L._alloc_blocks(rc, n)
-    slot = L._alloc_slot(slots)
+    blocks = L.alloc_blocks(rc, n)
+    slot = L.alloc_slot(slots)
     slots[slot] = L.SLOT_COMMITTED
-    idx = _padded(blocks)
+    idx = padded_ids(blocks)
     pad = idx.shape[0] - n
     # Padding rows write zeros into the scratch block, which holds nothing of value.
     k = np.pad(host.k, [(0, 0), (0, pad)] + [(0, 0)] * 3)
     v = np.pad(host.v, [(0, 0), (0, pad)] + [(0, 0)] * 3)
-    cache = _scatter(cache, idx, slot, k, v, host.conv, host.ssm)
+    cache = scatter_arrays(cache, idx, slot, k, v, host.conv, host.ssm)
     turns = dict(ledger.turns)
     turns[key] = L.Turn(host.length, tuple(blocks), slot, ledger.clock + 1)
-    return ledger._with(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1), cache
+    return ledger.replace(refcount=rc, slots=slots, turns=turns, clock=ledger.clock + 1), cache

@@ -92,5 +92,3 @@ def sample_tokens(logits_BV: jax.Array, sb: SamplingBatch, adj: LogitAdjust | No
     top_lp, top_ids = jax.lax.top_k(logp, NUM_TOP_LOGPROBS)
     return token, tok_lp, top_ids, top_lp
 
-
-sample = jax.jit(sample_tokens)

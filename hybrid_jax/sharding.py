@@ -1,48 +1,23 @@
-"""Tensor parallelism: the rules that shard parameters and cache over a one-axis jax Mesh ("tp").
+"""Model placement for tensor parallelism: the tp layout of a config and of its parameters, and placing them on
+the mesh. Above the stack; the partition specs and the mesh are hybrid_jax/mesh.py, which also says what is
+sharded by which dimension.
 
-Everything here is layout; the model code is the same at any tp and XLA's sharding propagation (GSPMD) inserts
-the collectives, except for the routed experts, which run under `shard_map` (see hybrid_jax/moe.py).
-
-What is sharded, by which dimension (tp = N devices):
-* attention: q and o by heads; k and v by KV heads, and when there are fewer KV heads K than N (N % K == 0) each
-  KV head is duplicated N / K times so that every device holds the one its query heads read (the KV cache pool
-  then holds N heads, one per device);
-* Mamba2: by heads - in_proj columns, conv channels, dt_bias / A_log / D, the gated norm weight, out_proj rows,
-  the conv state and the SSM state. B/C groups: by group when N divides them, else (N a multiple of the groups)
-  each device keeps a copy of the one group its heads read. The fused in_proj ([z | xBC | dt]) and the conv
-  channels ([x | B | C]) are stored shard-major - each device's block holds its heads' z, x, B, C, dt - so that a
-  contiguous split is a split by heads (`tp_params`, `ModelConfig.tp`);
-* MLPs and shared experts: by their inner dimension (column-parallel up/gate, row-parallel down);
-* routed experts: by their inner dimension (every device holds every expert's 1/N slice, routes all tokens and
-  adds its partial output in one all-reduce);
-* embedding and lm_head: by vocabulary when N divides it; logits are gathered once, at the end;
-* norms, routers, the router bias, MoE latent projections: replicated.
-
-The same block ids and slot ids address every shard: the ledger and the scheduler do not change.
+The Mamba in_proj columns and conv channels are reordered shard-major (each of tp blocks holds its heads' z, x,
+B, C, dt), B/C groups read by several shards are repeated in each, and KV heads fewer than tp are duplicated, so
+that a contiguous split over the mesh is a split by heads.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hybrid_jax.config import ConfigError, ModelConfig
-
-AXIS = "tp"
-
-
-@functools.lru_cache(maxsize=None)
-def mesh_for(tp: int) -> Mesh:
-    """The mesh of the first tp local devices, one axis named "tp"."""
-    devices = jax.local_devices()
-    if tp > len(devices):
-        raise ConfigError(f"tensor_parallel_size={tp} but only {len(devices)} local device(s) "
-                          f"({devices[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count")
-    return Mesh(np.array(devices[:tp]), (AXIS,))
+from hybrid_jax.mesh import mesh_for, named, param_specs
+from hybrid_jax.stack import stack_layers
 
 
 def tp_config(cfg: ModelConfig, tp: int) -> ModelConfig:
@@ -67,8 +42,6 @@ def tp_config(cfg: ModelConfig, tp: int) -> ModelConfig:
         raise ConfigError(f"tensor_parallel_size={tp} does not split {', '.join(bad)}")
     return dataclasses.replace(cfg, tp=tp, num_kv_heads=max(K, tp) if "attention" in cfg.sublayers else K)
 
-
-# ------------------------------------------------------------------------------------------ parameter layout
 
 def _mamba_index(cfg: ModelConfig, tp: int) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays into the checkpoint layout's in_proj columns and conv channels giving the shard-major
@@ -123,60 +96,9 @@ def tp_params(params: dict, cfg: ModelConfig, tp: int) -> dict:
     return jax.tree.map(np.asarray, out)
 
 
-# ------------------------------------------------------------------------------------------ partition specs
-
-# name -> the dimension (counted from the end) sharded over "tp"; absent: replicated. Stacked arrays have the
-# layer axis first, expert weights [L, E, in, out].
-_PARAM_DIM = {
-    "mamba": {"in_proj": -1, "in_proj_b": -1, "conv_w": -2, "conv_b": -1, "dt_bias": -1, "A_log": -1, "D": -1,
-              "norm_w": -1, "out_proj": -2},
-    "attention": {"q": -1, "q_b": -1, "k": -1, "k_b": -1, "v": -1, "v_b": -1, "o": -2},
-    "mlp": {"gate": -1, "gate_b": -1, "up": -1, "up_b": -1, "down": -2},
-    "moe": {"experts_up": -1, "experts_gate": -1, "experts_down": -2, "shared_up": -1, "shared_up_b": -1,
-            "shared_gate": -1, "shared_gate_b": -1, "shared_down": -2},
-}
-
-
-def _spec(ndim: int, dim: int | None) -> P:
-    """dim (from the end) over "tp". Trailing Nones are left out, as jit writes the specs of its outputs: the
-    same spec in and out keeps one compiled program per step shape."""
-    if dim is None:
-        return P()
-    return P(*([None] * (ndim + dim)), AXIS)
-
-
-def param_specs(params: dict, cfg: ModelConfig) -> dict:
-    """A PartitionSpec per leaf of the stacked params of cfg (tp layout)."""
-    by_vocab = cfg.vocab_size % cfg.tp == 0  # embed / lm_head [V, D]
-    specs = {}
-    for k, v in params.items():
-        if k == "stack":
-            specs["stack"] = {kind: {n: _spec(a.ndim, _PARAM_DIM.get(kind, {}).get(n)) for n, a in group.items()}
-                              for kind, group in v.items()}
-        else:
-            specs[k] = _spec(v.ndim, -2 if k in ("embed", "lm_head") and by_vocab else None)
-    return specs
-
-
-def cache_specs(cfg: ModelConfig):
-    """PartitionSpecs of the Cache pytree: KV pools by KV head, conv state by channel, SSM state by head."""
-    from hybrid_jax.cache import Cache, MambaState, PagedKV
-
-    kv = P(None, None, None, AXIS)          # [layers, blocks, block_size, kv heads, head_dim]
-    return Cache(kv=PagedKV(k=kv, v=kv), mamba=MambaState(conv=P(None, None, AXIS),   # [layers, slots, C, W-1]
-                                                          ssm=P(None, None, AXIS)))   # [layers, slots, H, P, N]
-
-
-def named(specs, tp: int):
-    mesh = mesh_for(tp)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-
-
 def shard_model(cfg: ModelConfig, params: dict, tp: int) -> tuple[ModelConfig, dict]:
     """(tp_config(cfg, tp), params in that layout placed on mesh_for(tp)). params: stacked or list form, in the
     checkpoint layout, numpy or jax. tp == 1 returns them unchanged."""
-    from hybrid_jax.stack import stack_layers
-
     if tp == 1:
         return cfg, params
     tcfg = tp_config(cfg, tp)
@@ -188,18 +110,3 @@ def replicated_sharding(cfg: ModelConfig):
     """Where a step's small inputs that come back from a step (sampled tokens) live: replicated over the mesh
     (None, the default device, at tp 1). Placing them there up front keeps one program per step shape."""
     return None if cfg.tp == 1 else NamedSharding(mesh_for(cfg.tp), P())
-
-
-def constrain_cache(cache, cfg: ModelConfig):
-    """Inside a jitted step: pin the cache to its sharding (no-op at tp 1), so that a step returns the cache
-    exactly as it took it (donation aliases, nothing recompiles)."""
-    if cfg.tp == 1:
-        return cache
-    return jax.lax.with_sharding_constraint(cache, named(cache_specs(cfg), cfg.tp))
-
-
-def replicated(x, cfg: ModelConfig):
-    """Inside a jitted step: gather x onto every device (no-op at tp 1) - the logits, once."""
-    if cfg.tp == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh_for(cfg.tp), P()))

@@ -13,7 +13,8 @@ position is not attention), the read of the pages inside a second switch that on
 
 Stacked params: {"embed", "final_norm", "lm_head"?, "stack": {kind: {name: [L_kind, ...]}}}. The loader's list
 form ({"layers": [one dict per sublayer]}) is accepted everywhere and stacked on the fly.
-`HYBRID_LAYER_LOOP=unroll` unrolls the scan (same program structure, every index static) for comparison.
+`HYBRID_LAYER_LOOP=unroll` (read once, when this module is imported) unrolls the scan (same program structure,
+every index static) for comparison.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from hybrid_jax.config import ModelConfig
 KINDS = ("mamba", "attention", "mlp", "moe")
 NONE, ATTN, MLP, MOE = 0, 1, 2, 3
 _TAIL_CODE = {"attention": ATTN, "mlp": MLP, "moe": MOE}
+#: The layer scan unrolled (HYBRID_LAYER_LOOP=unroll), read at import: never while a step is traced.
+UNROLL_LAYERS = os.environ.get("HYBRID_LAYER_LOOP", "scan").strip().lower() == "unroll"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,7 @@ class UnitPlan:
         return self.tail_kind.shape[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def unit_plan(cfg: ModelConfig) -> UnitPlan:
     seen = {k: 0 for k in KINDS}
     prefix, tails = [], []
@@ -164,6 +167,5 @@ def run_stack(params: dict, h_BTD, pos_BT, state, cfg: ModelConfig, mx: Mixers):
         return (h, state), None
 
     xs = (jnp.arange(plan.units, dtype=jnp.int32), jnp.asarray(plan.tail_kind), jnp.asarray(plan.tail_index))
-    unroll = os.environ.get("HYBRID_LAYER_LOOP", "scan").strip().lower() == "unroll"
-    (h, state), _ = jax.lax.scan(unit, (h, state), xs, unroll=plan.units if unroll else 1)
+    (h, state), _ = jax.lax.scan(unit, (h, state), xs, unroll=plan.units if UNROLL_LAYERS else 1)
     return h, state

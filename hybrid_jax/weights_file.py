@@ -22,6 +22,29 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+#: The dtypes a checkpoint is written in (hybrid_jax/export.py, hybrid_jax/random_checkpoint.py): name -> numpy
+#: dtype, and the other spellings of those names.
+STORAGE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+                 "half": "float16", "float": "float32"}
+
+
+def storage_dtype(dtype) -> str:
+    """The STORAGE_DTYPES name of dtype (a name or an alias, any case, "torch." prefix allowed); ValueError for
+    any other."""
+    d = str(dtype).lower().removeprefix("torch.")
+    d = DTYPE_ALIASES.get(d, d)
+    if d not in STORAGE_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(STORAGE_DTYPES)})")
+    return d
+
+
+def safetensors_tag(dtype: str) -> str:
+    """The safetensors header dtype ("BF16", "F32", ...) of a STORAGE_DTYPES name."""
+    want = np.dtype(STORAGE_DTYPES[dtype])
+    return next(tag for tag, d in _ST_DTYPES.items() if np.dtype(d) == want)
+
+
 class CheckpointError(ValueError):
     """The checkpoint directory is missing files or holds weights that do not fit the config."""
 
@@ -98,7 +121,7 @@ class Weights:
         return _read(fn, name, info, start)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
 def _libc():
     name = ctypes.util.find_library("c")
     return ctypes.CDLL(name) if name else None

@@ -157,7 +157,7 @@ class CacheManager:
 
     def snapshot(self, pending: L.Pending, length: int) -> L.Pending:
         """Align mode: keep the state at a block boundary in the request's snapshot slot."""
-        self.cache = L._copy_slot(self.cache, L._ids(pending.slot), L._ids(pending.snap_slot))
+        self.cache = L.copy_slot_in_place(self.cache, L.host_ids(pending.slot), L.host_ids(pending.snap_slot))
         return dataclasses.replace(pending, snap_len=length)
 
     def drop_conversation(self, key) -> None:
@@ -351,7 +351,7 @@ class CacheManager:
 
     def _state_bytes(self, length: int, padded: bool = False) -> int:
         """Bytes of a checkpoint's blocks and slot (padded: with the copy's power-of-two block count)."""
-        n = len(offload._padded(range(L.blocks_for(length, self.block_size)))) if padded else \
+        n = len(offload.padded_ids(range(L.blocks_for(length, self.block_size)))) if padded else \
             L.blocks_for(length, self.block_size)
         kv, m = self.cache.kv, self.cache.mamba
         per_block = (kv.k.nbytes + kv.v.nbytes) // kv.k.shape[1]
@@ -360,9 +360,9 @@ class CacheManager:
     def warmup(self) -> dict:
         """Compile the cache's own programs: tail-block and slot copies, and the host tier's moves for every
         padded block count up to a full-length sequence. They touch only the scratch block and slot."""
-        zero = L._ids(0)
-        self.cache = L._copy_block(self.cache, zero, zero)
-        self.cache = L._copy_slot(self.cache, zero, zero)
+        zero = L.host_ids(0)
+        self.cache = L.copy_block_in_place(self.cache, zero, zero)
+        self.cache = L.copy_slot_in_place(self.cache, zero, zero)
         self._warmed = True
         n = self._warm_moves() if self.host_cache_bytes or self.disk is not None else 0
         return {"cache_programs": 2 + n}
@@ -374,8 +374,8 @@ class CacheManager:
         while True:
             idx = np.zeros((width,), np.int32)
             # scattered back from host arrays, as a restore from the host tier does (numpy, not device arrays)
-            k, v, conv, ssm = jax.device_get(offload._gather(self.cache, idx, 0))
-            self.cache = offload._scatter(self.cache, idx, 0, k, v, conv, ssm)
+            k, v, conv, ssm = jax.device_get(offload.gather_arrays(self.cache, idx, 0))
+            self.cache = offload.scatter_arrays(self.cache, idx, 0, k, v, conv, ssm)
             n += 2
             if width >= self.table_width:
                 break

@@ -187,10 +187,10 @@ def _install(engine, meta: dict, arrays) -> None:
     caches = engine.caches
     led = caches.ledger
     rc, slots = led.refcount.copy(), led.slots.copy()
-    new_blocks = L._alloc_blocks(rc, meta["num_blocks"])
+    new_blocks = L.alloc_blocks(rc, meta["num_blocks"])
     new_slots = []
     for _ in range(meta["num_slots"]):
-        s = L._alloc_slot(slots)
+        s = L.alloc_slot(slots)
         slots[s] = L.SLOT_COMMITTED
         new_slots.append(s)
     c = caches.cache
@@ -235,4 +235,4 @@ def _install(engine, meta: dict, arrays) -> None:
     for b in new_blocks:
         rc[b] = used.get(b, 0)
     caches.cache = c
-    caches.ledger = led._with(refcount=rc, slots=slots, turns=turns)
+    caches.ledger = led.replace(refcount=rc, slots=slots, turns=turns)

@@ -85,7 +85,7 @@ def test_spill_and_read_back_is_exact(tmp_path, ref, host, caplog):
         assert s["disk_hits"] > 0 and s["disk_writes"] > 0 and s["disk_rejects"] == 0
         assert (s["offloads"] > 0) == bool(host)  # with a host tier, states pass through it on their way out
         compiled = [r.getMessage()[:40] for r in caplog.records if "Compiling" in r.getMessage()]
-        assert not [m for m in compiled if "_gather" in m or "_scatter" in m], compiled
+        assert not [m for m in compiled if "gather_arrays" in m or "scatter_arrays" in m], compiled
     finally:
         e.shutdown()
 

@@ -71,11 +71,11 @@ def test_cache_programs_do_not_copy_a_pool(model):
     cfg, _ = model
     cache = _cache(cfg)
     one = jnp.ones((1,), jnp.int32)
-    assert _pool_copies(L._copy_block.lower(cache, one, one).compile(), cache) == []
-    assert _pool_copies(L._copy_slot.lower(cache, one, one).compile(), cache) == []
+    assert _pool_copies(L.copy_block_in_place.lower(cache, one, one).compile(), cache) == []
+    assert _pool_copies(L.copy_slot_in_place.lower(cache, one, one).compile(), cache) == []
     idx = jnp.ones((4,), jnp.int32)
-    k, v, conv, ssm = offload._gather(cache, idx, 1)
-    assert _pool_copies(offload._scatter.lower(cache, idx, 1, k, v, conv, ssm).compile(), cache) == []
+    k, v, conv, ssm = offload.gather_arrays(cache, idx, 1)
+    assert _pool_copies(offload.scatter_arrays.lower(cache, idx, 1, k, v, conv, ssm).compile(), cache) == []
 
 
 def test_live_engine_cache_within_its_budget(tiny_model_dir):

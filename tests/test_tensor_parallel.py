@@ -2,7 +2,7 @@
 device count must be set before jax initialises): for a dense and a mixture-of-experts model, tensor parallel
 sizes 1, 2 and 4 give the same forward logits (float tolerance) and the same 4-turn engine conversation (greedy
 tokens, cache hits, logprobs), the parameters and the cache are really sharded (shapes on device 0 checked
-against the rules of hybrid_jax/sharding.py), the cache keeps its sharding through the steps, and nothing compiles
+against the rules of hybrid_jax/mesh.py), the cache keeps its sharding through the steps, and nothing compiles
 after warm-up at tp 4."""
 from __future__ import annotations
 
