@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.ops import platform
+
 try:  # the Triton compiler params moved / were renamed across jax versions
     from jax.experimental.pallas import triton as _pltriton
 except Exception:  # pragma: no cover - very old / stripped jax
@@ -35,8 +37,9 @@ def triton_params(num_warps: int = 4, num_stages: int = 2):
 
 
 def default_interpret() -> bool:
-    """Interpret mode is the only way to run a Pallas GPU kernel on a CPU backend."""
-    return jax.default_backend() == "cpu"
+    """Interpret mode is the only way to run a Pallas GPU kernel on a CPU backend (the platform of
+    `ops.lowering_for` when one is named)."""
+    return platform() == "cpu"
 
 
 def is_pow2(n: int) -> bool:

@@ -22,15 +22,17 @@ weights, a cost that grows with the number of experts.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.ops import platform
 
 IMPLS = ("tiled", "ragged_dot")
 
 
 def default_impl() -> str:
-    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    """"tiled" on CPU, "ragged_dot" elsewhere (the platform of `ops.lowering_for` when one is named)."""
+    return "tiled" if platform() == "cpu" else "ragged_dot"
 
 
 def default_tile_rows(num_rows: int, num_groups: int) -> int:

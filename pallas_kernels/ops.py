@@ -9,9 +9,16 @@
 
 The choice is plain Python, made when an op is called, i.e. at trace time under `jit`: it costs nothing at run
 time, and a function that was already traced keeps the choice it was traced with (set the env var before tracing).
+
+"The backend" is `jax.default_backend()`, unless `lowering_for(platform)` names the platform a program is being
+lowered for (`jax.export.export(..., platforms=(platform,))` on a machine without it): inside it the choice, and
+whether a kernel runs in interpret mode, are those of that platform, so the Triton kernels are lowered for real
+(tests/test_cross_lowering.py).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -38,8 +45,27 @@ def mode() -> str:
     return m
 
 
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("hybrid_kernels_target", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str):
+    """Pick kernels (and interpret mode) for `platform` ("cuda", "rocm", "tpu", "cpu") instead of the default
+    backend while tracing inside the block: for lowering a program for a platform that is not present."""
+    token = _TARGET.set(platform.lower())
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def platform() -> str:
+    """The platform kernels are chosen for: the one `lowering_for` names, else `jax.default_backend()`."""
+    return _TARGET.get() or jax.default_backend()
+
+
 def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+    return platform() in ("gpu", "cuda", "rocm")
 
 
 def uses_pallas(op: str) -> bool:
