@@ -144,8 +144,9 @@ def expected_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
             "gate_b": (I,)}
 
 
-_OPTIONAL = {"in_proj_b", "out_proj_b", "conv_b", "q_b", "k_b", "v_b", "o_b", "up_b", "down_b", "gate_b",
-             "shared_up_b", "shared_down_b", "latent_in_b", "latent_out_b"}
+#: Biases a checkpoint may leave out (the loader then leaves them out of the params).
+OPTIONAL_PARAMS = {"in_proj_b", "out_proj_b", "conv_b", "q_b", "k_b", "v_b", "o_b", "up_b", "down_b", "gate_b",
+                   "shared_up_b", "shared_down_b", "latent_in_b", "latent_out_b"}
 
 
 def sublayer_sources(cfg: ModelConfig, pre: str) -> list[dict[str, str | Callable]]:
@@ -261,7 +262,7 @@ def _layer_readers(w: Weights, cfg: ModelConfig, kind: str, names: dict, keys: s
                 return convert(part.T, name, shapes[name], theirs)
             out["gate"], out["up"] = half, functools.partial(half, which=1)
             continue
-        if ours in _OPTIONAL and theirs not in keys:
+        if ours in OPTIONAL_PARAMS and theirs not in keys:
             continue
 
         def read(ours=ours, theirs=theirs):
@@ -354,6 +355,6 @@ def load_pretrained(path: str, dtype="auto", stacked: bool = False,
     return cfg, load_params(path, cfg, dtype, stacked=stacked, on_host=on_host)
 
 
-__all__ = ["DTYPE_CHOICES", "FLOAT32_PARAMS", "CheckpointError", "ConfigError", "FusedPart", "PerExpert",
-           "load_pretrained", "load_params", "read_config", "read_raw_tensor", "read_spec", "resolve_dtype",
-           "sublayer_sources", "top_level_names"]
+__all__ = ["DTYPE_CHOICES", "FLOAT32_PARAMS", "OPTIONAL_PARAMS", "CheckpointError", "ConfigError", "FusedPart",
+           "PerExpert", "load_pretrained", "load_params", "read_config", "read_raw_tensor", "read_spec",
+           "resolve_dtype", "sublayer_sources", "top_level_names"]
