@@ -57,13 +57,21 @@ def test_programs_lower_at_tp1(config, platform):
 
 
 @pytest.fixture(scope="module")
-def tp4(tmp_path_factory, tiny_model_dir):
-    """Every config x platform lowered at tp 4, and the abstract model checked against a loaded one, in one
+def checkpoints(tmp_path_factory, tiny_model_dir):
+    """Small checkpoints to compare abstract_model with the loader on: one written by transformers, and one by our
+    writer per config (widths shrunk, layer kinds kept)."""
+    d = tmp_path_factory.mktemp("small_checkpoints")
+    return [tiny_model_dir] + [X.small_checkpoint(_path(c), str(d / c)) for c in CONFIGS]
+
+
+@pytest.fixture(scope="module")
+def tp4(tmp_path_factory, checkpoints):
+    """Every config x platform lowered at tp 4, and the abstract models checked against loaded ones, in one
     subprocess (4 host devices)."""
     out = tmp_path_factory.mktemp("xlower") / "tp4.json"
     root = os.path.dirname(HERE)  # the checkout's packages, however (or whether) they are installed
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    cases = [f"{_path(c)}:{p}" for c in CONFIGS for p in PLATFORMS] + [tiny_model_dir]
+    cases = [f"{_path(c)}:{p}" for c in CONFIGS for p in PLATFORMS] + checkpoints
     r = subprocess.run([sys.executable, os.path.join(HERE, "xlower_checks.py"), "4", str(out), *cases], cwd=root,
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -76,8 +84,8 @@ def test_programs_lower_at_tp4(tp4, config, platform):
     _check([r for r in tp4["results"] if r["config"] == CONFIGS[config] and r["platform"] == platform], platform, 4)
 
 
-def test_abstract_model_is_the_loaded_one(tp4, tiny_model_dir):
-    """abstract_model gives the loader's params (names, shapes, dtypes), and at tp 4 shard_model's layout and
-    partition specs."""
-    assert X.abstract_mismatches(tiny_model_dir, 1) == []
+def test_abstract_model_is_the_loaded_one(tp4, checkpoints):
+    """abstract_model gives the loader's params (names, shapes, dtypes) for checkpoints of the three configs'
+    families and layouts, and at tp 4 shard_model's layout and partition specs."""
+    assert [m for c in checkpoints for m in X.abstract_mismatches(c, 1)] == []
     assert tp4["abstract_mismatches"] == []

@@ -181,6 +181,24 @@ def abstract_mismatches(model_dir: str, tp: int) -> list[str]:
     return out
 
 
+# A config's widths shrunk (keys it has), its layer kinds kept: a checkpoint of the same family and layout to
+# compare abstract_model with the loader on.
+SMALL = {"hidden_size": 64, "vocab_size": 272, "intermediate_size": 64, "head_dim": 16, "num_attention_heads": 8,
+         "mamba_num_heads": 8, "mamba_head_dim": 16, "ssm_state_size": 16, "mamba_n_heads": 8, "mamba_d_head": 16,
+         "mamba_d_state": 16, "moe_intermediate_size": 32, "moe_shared_expert_intermediate_size": 48,
+         "n_routed_experts": 8, "num_experts_per_tok": 2, "shared_intermediate_size": 64}
+
+
+def small_checkpoint(config_path: str, out_dir: str) -> str:
+    """A random checkpoint of the config shrunk by SMALL to 6 layers covering its layer kinds."""
+    from hybrid_jax.random_checkpoint import write_random_checkpoint
+
+    with open(config_path) as f:
+        config = json.load(f)
+    config.update({k: v for k, v in SMALL.items() if k in config})
+    return write_random_checkpoint(config, out_dir, num_layers=6, cover_kinds=True)
+
+
 def _is_struct(x):
     return isinstance(x, jax.ShapeDtypeStruct)
 
