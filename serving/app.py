@@ -13,7 +13,7 @@
 * `GET /v1/models`, `GET /health`, `GET /version`, `GET /metrics` (Prometheus), `POST /tokenize`,
   `POST /detokenize` (api/admin.py).
 
-Every request body is validated by the models of serving/protocol.py (the one place of the rules and limits,
+Every request body is validated by the models of serving/openai/ (the one place of the rules and limits,
 shared with the batch job). Every error is answered as OpenAI's body `{"error": {"message", "type", "param",
 "code"}}` with its status: 400 validation (never FastAPI's 422), 401 auth, 404 unknown route / model /
 conversation / response, 405, 408 body not received in time, 409 busy conversation, 413 body too large, 429
@@ -33,7 +33,7 @@ from serving.api.common import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_
 from serving.api.delivery import TransportTap
 from serving.chat_output import OutputConfig
 from serving.metrics import Metrics
-from serving.protocol import openai_error
+from serving.openai.errors import openai_error
 from serving.responses_store import DEFAULT_MAX_STORED_RESPONSES, ResponsesStore
 
 __all__ = ["create_app", "DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_REQUEST_BODY_TIMEOUT", "openai_error"]

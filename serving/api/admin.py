@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.api.common import ServerContext, __version__, call
 from serving.errors import PromptTooLong
-from serving.protocol import APIError, DetokenizeRequest, TokenizeRequest, as_api_error
+from serving.openai.errors import APIError, as_api_error
+from serving.openai.requests import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("serving.app")
 

@@ -12,7 +12,8 @@ from fastapi.responses import Response
 from serving import openai_format
 from serving.api.common import DeliveringJSONResponse, PumpGroup, ServerContext, sse
 from serving.chat_output import ChoiceOutput, choice, finish_reason, plan_chat, seen_message
-from serving.protocol import ChatCompletionRequest, as_api_error
+from serving.openai.errors import as_api_error
+from serving.openai.requests import ChatCompletionRequest
 
 
 def router(ctx: ServerContext) -> APIRouter:

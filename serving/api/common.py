@@ -25,8 +25,10 @@ from serving.api.delivery import Delivery
 from serving.api.http_limits import repeated_singleton
 from serving.chat_output import OutputConfig
 from serving.metrics import Metrics
-from serving.protocol import (APIError, LogprobFormatter, as_api_error, check_id, engine_vocab_size, openai_error,
-                              parse_request, validation_error)
+from serving.openai.errors import APIError, as_api_error, openai_error, validation_error
+from serving.openai.fields import check_id
+from serving.openai.logprobs import LogprobFormatter
+from serving.openai.parse import engine_vocab_size, parse_request
 
 log = logging.getLogger("serving.app")
 
@@ -457,7 +459,7 @@ class ServerContext:
 
     # ------------------------------------------------------------------ requests
     async def parse(self, request: Request, model):
-        """The request body validated into `model` (serving.protocol: the one place of the rules), 400 if it
+        """The request body validated into `model` (serving.openai: the one place of the rules), 400 if it
         breaks one. Large bodies are parsed in a worker thread, off the event loop."""
         raw = await request.body()
         if len(raw) > _INLINE_PARSE_BYTES:

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from serving import openai_format
 from serving.api.common import DeliveringJSONResponse, ServerContext
-from serving.protocol import CompletionRequest
+from serving.openai.requests import CompletionRequest
 
 
 def router(ctx: ServerContext) -> APIRouter:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from serving.api.common import ServerContext, call, query_salt
-from serving.protocol import APIError, as_api_error, check_id
+from serving.openai.errors import APIError, as_api_error
+from serving.openai.fields import check_id
 
 
 def router(ctx: ServerContext) -> APIRouter:

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving.api.common import DeliveringJSONResponse, ServerContext, query_salt, sse
-from serving.protocol import APIError, ResponsesRequest, as_api_error  # noqa: F401 (ResponsesRequest re-exported)
+from serving.openai.errors import APIError, as_api_error
+from serving.openai.responses_request import ResponsesRequest
 from serving.responses_store import ResponsesStore
 
 _ROLES = {"user", "system", "developer", "assistant"}

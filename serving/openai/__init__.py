@@ -1,0 +1,11 @@
+"""The OpenAI wire protocol: the one place where a request is validated, for every route of the HTTP app
+(`serving.api`) and for the batch job (`serving.batch`). A request that passes it holds only values the engine can
+hold (docs/server.md, "Limits").
+
+* errors.py             the OpenAI error (`APIError`, its body, any exception or validation error as one)
+* fields.py             the limits and the field rules every request model shares, the base models
+* requests.py           chat completions, completions, /tokenize and /detokenize requests
+* responses_request.py  the Responses API request
+* parse.py              `parse_request(Model, body, vocab_size=...)`
+* logprobs.py           logprobs in OpenAI's shapes
+"""
