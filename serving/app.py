@@ -20,16 +20,16 @@ conversation / response, 405, 408 body not received in time, 409 busy conversati
 overloaded, 500 internal (a repeated singleton header or query parameter is 400 too; the request-head timeout's
 408 and the connection cap's 503 come from below the app: serving/api/http_limits.py). The engine's blocking
 calls run in worker threads; a client that disconnects aborts its request, so the turn is discarded (invariant
-I3). The guard (API key, body size, body read timeout), the error
-handlers and the engine pump are shared (api/common.py).
+I3). The guard (API key, body size, body read timeout: api/guard.py), the error handlers (api/common.py), the
+engine pump (api/pump.py) and the SSE writer (api/sse.py) are shared.
 """
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from serving.api import admin, chat, completions, conversations, responses
-from serving.api.common import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard, ServerContext,
-                                __version__, install_error_handlers, install_log_redaction)
+from serving.api.common import ServerContext, __version__, install_error_handlers
+from serving.api.guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard, install_log_redaction
 from serving.api.delivery import TransportTap
 from serving.chat_output import OutputConfig
 from serving.metrics import Metrics

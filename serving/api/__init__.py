@@ -6,4 +6,8 @@
 * responses.py      POST /v1/responses, GET|DELETE /v1/responses/{id} (store: serving/responses_store.py)
 * conversations.py  GET|DELETE /v1/conversations/{conversation_id}
 * admin.py          /v1/models, /tokenize, /detokenize, /health, /version, /metrics
+
+What they share: common.py (`ServerContext`, the error handlers), guard.py (API key, body size and time), pump.py
+(the engine's events into asyncio), sse.py (the one SSE writer), delivery.py (when an answer was delivered),
+http_limits.py (below the app: the request head's time, the connection cap).
 """

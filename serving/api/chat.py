@@ -10,7 +10,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving import openai_format
-from serving.api.common import DeliveringJSONResponse, PumpGroup, ServerContext, sse
+from serving.api.common import ServerContext
+from serving.api.delivery import DeliveringJSONResponse
+from serving.api.pump import PumpGroup
+from serving.api.sse import DONE, sse, sse_response
 from serving.chat_output import ChoiceOutput, choice, finish_reason, plan_chat, seen_message
 from serving.openai.errors import as_api_error
 from serving.openai.requests import ChatCompletionRequest
@@ -47,7 +50,7 @@ def router(ctx: ServerContext) -> APIRouter:
             group.settle(False)  # one choice failed: every choice's state is released now
             raise
         outs = [ChoiceOutput(plan, p.handle.prompt_tail(), i) for i, p in enumerate(group.pumps)]
-        reply = _Reply(ctx, body, openai_format.completion_id(), int(time.time()), model_name)
+        reply = _Reply(ctx, body, group, outs, openai_format.completion_id(), int(time.time()), model_name)
         if not body.stream:
             try:
                 results = [await ctx.collect(p, request, ev) for p, ev in zip(group.pumps, firsts)]
@@ -61,24 +64,26 @@ def router(ctx: ServerContext) -> APIRouter:
                     group.settle(False)  # the other choices' states are released now, not at the timeout
                     return ctx.error_response(err)
             ctx.observe_e2e(t0)
-            return DeliveringJSONResponse(reply.whole(group, outs, results), group)
-        return ctx.sse_response(reply.stream(group, outs, firsts, t0), group)
+            return DeliveringJSONResponse(reply.whole(results), group)
+        return sse_response(ctx, group, firsts, t0, reply)
 
     return r
 
 
 class _Reply:
-    """The body of one chat completion: whole, or as SSE chunks."""
+    """The body of one chat completion: whole, or as SSE chunks (its SSEForm, serving/api/sse.py)."""
 
-    def __init__(self, ctx: ServerContext, body, rid: str, created: int, model: str):
-        self.ctx, self.body, self.rid, self.created, self.model = ctx, body, rid, created, model
+    def __init__(self, ctx: ServerContext, body, group: PumpGroup, outs: list[ChoiceOutput], rid: str, created: int,
+                 model: str):
+        self.ctx, self.body, self.group, self.outs = ctx, body, group, outs
+        self.rid, self.created, self.model = rid, created, model
 
     def _logprobs(self, tls):
         return {"content": self.ctx.lp_fmt.chat(tls or [])} if self.body.logprobs else None
 
-    def whole(self, group: PumpGroup, outs: list[ChoiceOutput], results) -> dict:
-        choices = [choice(out, res, self._logprobs(res.logprobs)) for out, res in zip(outs, results)]
-        for pump, c, res in zip(group.pumps, choices, results):
+    def whole(self, results) -> dict:
+        choices = [choice(out, res, self._logprobs(res.logprobs)) for out, res in zip(self.outs, results)]
+        for pump, c, res in zip(self.group.pumps, choices, results):
             pump.seen = seen_message(c["message"])
             self.ctx.metrics.count_request("chat", res.finish_reason)
         return openai_format.chat_completion(choices, results, model=self.model, request_id=self.rid,
@@ -91,36 +96,29 @@ class _Reply:
             c["usage"] = None
         return c
 
-    async def stream(self, group: PumpGroup, outs: list[ChoiceOutput], firsts, t0):
-        ctx, results = self.ctx, [None] * len(outs)
-        try:
-            for out in outs:
-                yield sse(self._chunk(out.index, {"role": "assistant", "content": ""}))
-            async for i, kind, val in group.merged(firsts):
-                out = outs[i]
-                if kind == "delta":
-                    delta = out.feed(val.text)
-                    lp = self._logprobs(val.logprobs) if self.body.logprobs and val.logprobs else None
-                    if delta or lp is not None:
-                        yield sse(self._chunk(i, delta, logprobs=lp))
-                    continue
-                err = ctx.finish_error(val) if kind == "done" else as_api_error(val)
-                if err is not None:
-                    group.fail()
-                    yield ctx.error_event(err)
-                    yield "data: [DONE]\n\n"
-                    return
-                results[i] = val
-                group.pumps[i].finished = True
-                delta = out.finish()
-                msg = out.streamed_message()
-                group.pumps[i].seen = seen_message(msg)
-                ctx.metrics.count_request("chat", val.finish_reason)
-                yield sse(self._chunk(i, delta, finish=finish_reason(val.finish_reason, msg)))
-            ctx.observe_e2e(t0)
-            if self.body.include_usage:
-                yield sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.model, "choices": [], "usage": openai_format.usage_of_choices(results)})
-            yield "data: [DONE]\n\n"
-        finally:
-            group.abort()  # client gone (generator cancelled or closed) before the end: discard the turns (I3)
+    # ------------------------------------------------------------------ SSEForm
+    def opening(self):
+        return [sse(self._chunk(out.index, {"role": "assistant", "content": ""})) for out in self.outs]
+
+    def delta(self, index: int, d):
+        delta = self.outs[index].feed(d.text)
+        lp = self._logprobs(d.logprobs) if self.body.logprobs and d.logprobs else None
+        return [sse(self._chunk(index, delta, logprobs=lp))] if delta or lp is not None else []
+
+    def finished(self, index: int, result):
+        out = self.outs[index]
+        delta = out.finish()
+        msg = out.streamed_message()
+        self.group.pumps[index].seen = seen_message(msg)
+        self.ctx.metrics.count_request("chat", result.finish_reason)
+        return [sse(self._chunk(index, delta, finish=finish_reason(result.finish_reason, msg)))]
+
+    def closing(self, results):
+        if self.body.include_usage:
+            yield sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                       "model": self.model, "choices": [], "usage": openai_format.usage_of_choices(results)})
+        yield DONE
+
+    def error(self, err, result):
+        self.group.fail()
+        return [self.ctx.error_event(err), DONE]

@@ -9,13 +9,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving import openai_format
-from serving.api.common import DeliveringJSONResponse, ServerContext
+from serving.api.common import ServerContext
+from serving.api.delivery import DeliveringJSONResponse
+from serving.api.pump import PumpGroup
+from serving.api.sse import DONE, sse, sse_response
 from serving.openai.requests import CompletionRequest
 
 
 def router(ctx: ServerContext) -> APIRouter:
     r = APIRouter()
-    engine, metrics, lp_fmt, model_name = ctx.engine, ctx.metrics, ctx.lp_fmt, ctx.model_name
+    engine = ctx.engine
 
     @r.post("/v1/completions")
     async def completions(request: Request):
@@ -27,59 +30,79 @@ def router(ctx: ServerContext) -> APIRouter:
         conversation_id = ctx.conversation_id(request, body.conversation_id)
         cache_salt = ctx.salt(request, body.cache_salt,
                               id_param="conversation_id" if conversation_id is not None else None)
-        rid = "cmpl-" + uuid.uuid4().hex
-        now = int(time.time())
+        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
         pump, t0 = await ctx.start(engine.complete_stream, body.prompt, conversation_id=conversation_id,
                                    cache_salt=cache_salt, **sampling)
+        reply = _Reply(ctx, body, PumpGroup([pump]), t0, rid, created)
         first = await ctx.first_event(pump, request)
         if first is None:
             return Response(status_code=499)
-        include_usage = body.include_usage
-        want_lp = body.logprobs is not None
-
-        if not body.stream:
-            try:
-                result = await ctx.collect(pump, request, first)
-            finally:
-                pump.abort()
-            if result is None:
-                return Response(status_code=499)
-            err = ctx.finish_error(result)
-            if err is not None:
-                return ctx.error_response(err)
-            ctx.observe_e2e(t0)
-            metrics.count_request("completions", result.finish_reason)
-            lp = lp_fmt.completion(result.logprobs or [], 0) if want_lp else None
-            return DeliveringJSONResponse({
-                "id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "text": result.text, "logprobs": lp, "finish_reason": result.finish_reason}],
-                "usage": openai_format.usage(result)}, pump)
-
-        base = {"id": rid, "object": "text_completion", "created": now, "model": model_name}
-        offset = [0]
-
-        def chunk(text, finish_reason=None, logprobs=None):
-            c = dict(base, choices=[{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
-            if include_usage:
-                c["usage"] = None
-            return c
-
-        def make_chunk(d):
-            lp = None
-            if want_lp and d.logprobs:
-                lp = lp_fmt.completion(d.logprobs, offset[0])
-            offset[0] += len(d.text)
-            if not d.text and lp is None:
-                return None
-            return chunk(d.text, logprobs=lp)
-
-        def make_final(result):
-            return chunk("", finish_reason=result.finish_reason)
-
-        def usage_chunk(result):
-            return dict(base, choices=[], usage=openai_format.usage(result)) if include_usage else None
-
-        return ctx.sse_response(ctx.stream_events(pump, first, t0, make_chunk, make_final, usage_chunk,
-                                                  "completions"), pump)
+        if body.stream:
+            return sse_response(ctx, reply.group, [first], t0, reply)
+        try:
+            result = await ctx.collect(pump, request, first)
+        finally:
+            pump.abort()
+        if result is None:
+            return Response(status_code=499)
+        err = ctx.finish_error(result)
+        if err is not None:
+            return ctx.error_response(err)
+        ctx.observe_e2e(t0)
+        ctx.metrics.count_request("completions", result.finish_reason)
+        return DeliveringJSONResponse(reply.whole(result), pump)
 
     return r
+
+
+class _Reply:
+    """The body of one text completion: whole, or as SSE chunks (its SSEForm, serving/api/sse.py)."""
+
+    def __init__(self, ctx: ServerContext, body: CompletionRequest, group: PumpGroup, t0: float, rid: str,
+                 created: int):
+        self.ctx, self.body, self.group, self.t0 = ctx, body, group, t0
+        self.want_lp = body.logprobs is not None
+        self.base = {"id": rid, "object": "text_completion", "created": created, "model": ctx.model_name}
+        self.offset = 0   # text streamed so far (the logprobs' text_offset)
+
+    def whole(self, result) -> dict:
+        lp = self.ctx.lp_fmt.completion(result.logprobs or [], 0) if self.want_lp else None
+        return dict(self.base, choices=[{"index": 0, "text": result.text, "logprobs": lp,
+                                         "finish_reason": result.finish_reason}],
+                    usage=openai_format.usage(result))
+
+    def _chunk(self, text, finish_reason=None, logprobs=None) -> dict:
+        c = dict(self.base, choices=[{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
+        if self.body.include_usage:
+            c["usage"] = None
+        return c
+
+    # ------------------------------------------------------------------ SSEForm
+    def opening(self):
+        return []
+
+    def delta(self, index: int, d):
+        lp = None
+        if self.want_lp and d.logprobs:
+            lp = self.ctx.lp_fmt.completion(d.logprobs, self.offset)
+        self.offset += len(d.text)
+        if not d.text and lp is None:
+            return []
+        return [sse(self._chunk(d.text, logprobs=lp))]
+
+    def finished(self, index: int, result):
+        self.ctx.metrics.count_request("completions", result.finish_reason)
+        return [sse(self._chunk("", finish_reason=result.finish_reason))]
+
+    def closing(self, results):
+        if self.body.include_usage:
+            yield sse(dict(self.base, choices=[], usage=openai_format.usage(results[0])))
+        yield DONE
+
+    def error(self, err, result):
+        self.group.fail()
+        yield self.ctx.error_event(err)
+        if result is not None:
+            self.ctx.metrics.count_request("completions", result.finish_reason)
+            self.ctx.observe_e2e(self.t0)
+        yield DONE

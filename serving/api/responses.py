@@ -18,8 +18,11 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving.api.common import DeliveringJSONResponse, ServerContext, query_salt, sse
-from serving.openai.errors import APIError, as_api_error
+from serving.api.common import ServerContext, query_salt
+from serving.api.delivery import DeliveringJSONResponse
+from serving.api.pump import PumpGroup
+from serving.api.sse import sse, sse_response
+from serving.openai.errors import APIError
 from serving.openai.responses_request import ResponsesRequest
 from serving.responses_store import ResponsesStore
 
@@ -79,14 +82,15 @@ def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(24)
 
 
+def not_found(rid: str, param: str | None = None) -> APIError:
+    # The same answer for an unknown, deleted, evicted, unstored or another tenant's response.
+    what = "previous response" if param == "previous_response_id" else "response"
+    return APIError(404, f"{what} {rid!r} not found", param=param, code="response_not_found")
+
+
 def router(ctx: ServerContext, store: ResponsesStore) -> APIRouter:
     r = APIRouter()
-    engine, metrics, lp_fmt = ctx.engine, ctx.metrics, ctx.lp_fmt
-
-    def not_found(rid: str, param: str | None = None) -> APIError:
-        # The same answer for an unknown, deleted, evicted, unstored or another tenant's response.
-        what = "previous response" if param == "previous_response_id" else "response"
-        return APIError(404, f"{what} {rid!r} not found", param=param, code="response_not_found")
+    engine = ctx.engine
 
     @r.post("/v1/responses")
     async def create_response(request: Request):
@@ -102,121 +106,27 @@ def router(ctx: ServerContext, store: ResponsesStore) -> APIRouter:
                 raise not_found(body.previous_response_id, "previous_response_id")
         messages = ([{"role": "system", "content": body.instructions}] if body.instructions is not None else []) \
             + (prev.history() if prev is not None else []) + new_msgs
-        sampling = body.sampling()
-        want_lp = body.want_logprobs
-        rid, msg_id = _new_id("resp_"), _new_id("msg_")
-        created = int(time.time())
-        store_it = body.store is not False
+        reply = _Reply(ctx, body, store, salt, prev, new_msgs)
 
-        pump, t0 = await ctx.start(engine.chat_stream, messages, conversation_id=None, cache_salt=salt, **sampling)
+        pump, t0 = await ctx.start(engine.chat_stream, messages, conversation_id=None, cache_salt=salt,
+                                   **body.sampling())
         first = await ctx.first_event(pump, request)
         if first is None:
             return Response(status_code=499)
-
-        def base(status: str, output: list, usage: dict | None, incomplete: dict | None = None,
-                 error: dict | None = None) -> dict:
-            return {
-                "id": rid, "object": "response", "created_at": created, "status": status,
-                "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
-                "error": error, "incomplete_details": incomplete, "instructions": body.instructions,
-                "max_output_tokens": body.max_output_tokens, "model": ctx.model_name, "output": output,
-                "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
-                "previous_response_id": body.previous_response_id,
-                "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": store_it,
-                "temperature": 1.0 if body.temperature is None else body.temperature,
-                "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": body.tool_choice or "auto",
-                "tools": [], "top_logprobs": body.top_logprobs or 0,
-                "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "usage": usage,
-                "user": body.user, "safety_identifier": body.safety_identifier,
-                "prompt_cache_key": body.prompt_cache_key, "metadata": dict(body.metadata or {}),
-                "background": False}
-
-        def text_part(text: str, lps) -> dict:
-            return {"type": "output_text", "text": text, "annotations": [],
-                    "logprobs": lp_fmt.chat(lps or []) if want_lp else []}
-
-        def message(status: str, content: list) -> dict:
-            return {"id": msg_id, "type": "message", "status": status, "role": "assistant", "content": content}
-
-        def final(result) -> dict:
-            done = result.finish_reason != "length"
-            msg = message("completed" if done else "incomplete", [text_part(result.text, result.logprobs)])
-            obj = base("completed" if done else "incomplete", [msg], _usage(result),
-                       None if done else {"reason": "max_output_tokens"})
-            if store_it:
-                store.add(rid, salt, obj, prev, new_msgs + [{"role": "assistant", "content": result.text}])
-            metrics.count_request("responses", result.finish_reason)
-            ctx.observe_e2e(t0)
-            return obj
-
-        if not body.stream:
-            try:
-                result = await ctx.collect(pump, request, first)
-            finally:
-                pump.abort()  # a no-op once finished; otherwise (error, cancellation) discard the turn
-            if result is None:
-                return Response(status_code=499)  # client gone; the turn was aborted and nothing is stored
-            err = ctx.finish_error(result)
-            if err is not None:
-                return ctx.error_response(err)
-            return DeliveringJSONResponse(final(result), pump)
-
-        seq = itertools.count()
-
-        def event(obj: dict) -> str:
-            obj["sequence_number"] = next(seq)
-            return sse(obj, obj["type"])
-
-        def failed(err: APIError) -> str:
-            metrics.count_error(err.status)
-            obj = base("failed", [], None, error={"code": "server_error", "message": err.message})
-            return event({"type": "response.failed", "response": obj})
-
-        loc = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-
-        async def gen():
-            ev, t_first, t_prev = first, None, None
-            try:
-                started = base("in_progress", [], None)
-                yield event({"type": "response.created", "response": started})
-                yield event({"type": "response.in_progress", "response": started})
-                yield event({"type": "response.output_item.added", "output_index": 0,
-                             "item": message("in_progress", [])})
-                yield event({"type": "response.content_part.added", **loc, "part": text_part("", [])})
-                while ev is not None:
-                    kind, val = ev
-                    if kind == "delta":
-                        if val.token_ids or val.text:
-                            t_first, t_prev = ctx.observe_local(t0, t_first, t_prev, time.perf_counter())
-                        lps = lp_fmt.chat(val.logprobs) if want_lp and val.logprobs else []
-                        if val.text or lps:
-                            yield event({"type": "response.output_text.delta", **loc, "delta": val.text,
-                                         "logprobs": lps})
-                    elif kind == "done":
-                        pump.finished = True
-                        err = ctx.finish_error(val)
-                        if err is not None:
-                            metrics.count_request("responses", val.finish_reason)
-                            yield failed(err)
-                            return
-                        obj = final(val)
-                        msg = obj["output"][0]
-                        part = msg["content"][0]
-                        yield event({"type": "response.output_text.done", **loc, "text": part["text"],
-                                     "logprobs": part["logprobs"]})
-                        yield event({"type": "response.content_part.done", **loc, "part": part})
-                        yield event({"type": "response.output_item.done", "output_index": 0, "item": msg})
-                        kind = "response.completed" if obj["status"] == "completed" else "response.incomplete"
-                        yield event({"type": kind, "response": obj})
-                        return
-                    else:  # error after the stream started (the finally aborts the request)
-                        yield failed(as_api_error(val))
-                        return
-                    ev = await pump.next(None)  # disconnects cancel this generator (see finally)
-            finally:
-                pump.abort()  # client gone before the end: the turn is discarded and nothing is stored (I3)
-
-        return ctx.sse_response(gen(), pump)
+        if body.stream:
+            return sse_response(ctx, PumpGroup([pump]), [first], t0, reply)
+        try:
+            result = await ctx.collect(pump, request, first)
+        finally:
+            pump.abort()  # a no-op once finished; otherwise (error, cancellation) discard the turn
+        if result is None:
+            return Response(status_code=499)  # client gone; the turn was aborted and nothing is stored
+        err = ctx.finish_error(result)
+        if err is not None:
+            return ctx.error_response(err)
+        obj = reply.final(result)
+        ctx.observe_e2e(t0)
+        return DeliveringJSONResponse(obj, pump)
 
     @r.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request):
@@ -237,3 +147,94 @@ def router(ctx: ServerContext, store: ResponsesStore) -> APIRouter:
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     return r
+
+
+class _Reply:
+    """One response object: whole, or as the Responses API's stream events (its SSEForm, serving/api/sse.py). A
+    completed response is stored (unless `store` is false)."""
+
+    def __init__(self, ctx: ServerContext, body: ResponsesRequest, store: ResponsesStore, salt: str | None, prev,
+                 new_msgs: list[dict]):
+        self.ctx, self.body, self.store, self.salt, self.prev, self.new_msgs = ctx, body, store, salt, prev, new_msgs
+        self.rid, self.msg_id = _new_id("resp_"), _new_id("msg_")
+        self.created = int(time.time())
+        self.store_it = body.store is not False
+        self.seq = itertools.count()
+        self.loc = {"item_id": self.msg_id, "output_index": 0, "content_index": 0}
+
+    def base(self, status: str, output: list, usage: dict | None, incomplete: dict | None = None,
+             error: dict | None = None) -> dict:
+        body = self.body
+        return {
+            "id": self.rid, "object": "response", "created_at": self.created, "status": status,
+            "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
+            "error": error, "incomplete_details": incomplete, "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens, "model": self.ctx.model_name, "output": output,
+            "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+            "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": self.store_it,
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": body.tool_choice or "auto",
+            "tools": [], "top_logprobs": body.top_logprobs or 0,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "usage": usage,
+            "user": body.user, "safety_identifier": body.safety_identifier,
+            "prompt_cache_key": body.prompt_cache_key, "metadata": dict(body.metadata or {}),
+            "background": False}
+
+    def text_part(self, text: str, lps) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [],
+                "logprobs": self.ctx.lp_fmt.chat(lps or []) if self.body.want_logprobs else []}
+
+    def message(self, status: str, content: list) -> dict:
+        return {"id": self.msg_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def final(self, result) -> dict:
+        """The finished response, stored (unless `store` is false) and counted."""
+        done = result.finish_reason != "length"
+        msg = self.message("completed" if done else "incomplete", [self.text_part(result.text, result.logprobs)])
+        obj = self.base("completed" if done else "incomplete", [msg], _usage(result),
+                        None if done else {"reason": "max_output_tokens"})
+        if self.store_it:
+            self.store.add(self.rid, self.salt, obj, self.prev,
+                           self.new_msgs + [{"role": "assistant", "content": result.text}])
+        self.ctx.metrics.count_request("responses", result.finish_reason)
+        return obj
+
+    # ------------------------------------------------------------------ SSEForm
+    def _event(self, obj: dict) -> str:
+        obj["sequence_number"] = next(self.seq)
+        return sse(obj, obj["type"])
+
+    def opening(self):
+        started = self.base("in_progress", [], None)
+        yield self._event({"type": "response.created", "response": started})
+        yield self._event({"type": "response.in_progress", "response": started})
+        yield self._event({"type": "response.output_item.added", "output_index": 0,
+                           "item": self.message("in_progress", [])})
+        yield self._event({"type": "response.content_part.added", **self.loc, "part": self.text_part("", [])})
+
+    def delta(self, index: int, d):
+        lps = self.ctx.lp_fmt.chat(d.logprobs) if self.body.want_logprobs and d.logprobs else []
+        if d.text or lps:
+            yield self._event({"type": "response.output_text.delta", **self.loc, "delta": d.text, "logprobs": lps})
+
+    def finished(self, index: int, result):
+        obj = self.final(result)
+        msg = obj["output"][0]
+        part = msg["content"][0]
+        yield self._event({"type": "response.output_text.done", **self.loc, "text": part["text"],
+                           "logprobs": part["logprobs"]})
+        yield self._event({"type": "response.content_part.done", **self.loc, "part": part})
+        yield self._event({"type": "response.output_item.done", "output_index": 0, "item": msg})
+        kind = "response.completed" if obj["status"] == "completed" else "response.incomplete"
+        yield self._event({"type": kind, "response": obj})
+
+    def closing(self, results):
+        return []
+
+    def error(self, err: APIError, result):
+        if result is not None:
+            self.ctx.metrics.count_request("responses", result.finish_reason)
+        self.ctx.metrics.count_error(err.status)
+        obj = self.base("failed", [], None, error={"code": "server_error", "message": err.message})
+        yield self._event({"type": "response.failed", "response": obj})
