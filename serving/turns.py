@@ -7,7 +7,7 @@ import json
 from serving.conversations import Conversation
 from serving.errors import BadRequest
 from serving.request import Request
-from serving.tokenizer import render_continuation
+from serving.chat_template import render_continuation
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_ID_LEN = 256
