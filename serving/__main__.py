@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from serving.chat_output import add_output_flags
+from serving.openai.chat_output import add_output_flags
 
 
 def _memory(v: str) -> str | int:

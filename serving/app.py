@@ -31,7 +31,7 @@ from serving.api import admin, chat, completions, conversations, responses
 from serving.api.common import ServerContext, __version__, install_error_handlers
 from serving.api.guard import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard, install_log_redaction
 from serving.api.delivery import TransportTap
-from serving.chat_output import OutputConfig
+from serving.openai.chat_output import OutputConfig
 from serving.metrics import Metrics
 from serving.openai.errors import openai_error
 from serving.responses_store import DEFAULT_MAX_STORED_RESPONSES, ResponsesStore
@@ -49,7 +49,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     responses (a new one of `max_stored_responses` when None; pass one to save and load it across restarts).
     `request_body_timeout`: seconds to receive a request body (408 after); `require_cache_salt`: refuse requests
     that carry a conversation_id or previous_response_id without a cache_salt (docs/server.md);
-    `tool_call_parser` / `reasoning_parser`: how chat outputs are read (serving/parsers; the tool-call format
+    `tool_call_parser` / `reasoning_parser`: how chat outputs are read (serving/openai/parsers; the tool-call format
     defaults to the chat template's)."""
     output = OutputConfig.create(tool_call_parser, reasoning_parser, getattr(engine.tokenizer, "chat_template", None))
     ctx = ServerContext(engine, served_model_name=served_model_name, metrics=metrics,

@@ -1,6 +1,6 @@
 """`POST /v1/chat/completions`, streamed as OpenAI SSE chunks or not: n choices over one computation of the
-prompt, tool calls, structured outputs and reasoning content (serving/chat_output.py reads the output), plus the
-extras `conversation_id`, `cache_salt`, `top_k`, `min_p`, `stop_token_ids`, `ignore_eos` and vLLM's
+prompt, tool calls, structured outputs and reasoning content (serving/openai/chat_output.py reads the output),
+plus the extras `conversation_id`, `cache_salt`, `top_k`, `min_p`, `stop_token_ids`, `ignore_eos` and vLLM's
 `repetition_penalty`, `min_tokens`, `structured_outputs`, `chat_template_kwargs`."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving import openai_format
+from serving.openai import bodies
 from serving.api.common import ServerContext
 from serving.api.delivery import DeliveringJSONResponse
 from serving.api.pump import PumpGroup
 from serving.api.sse import DONE, sse, sse_response
-from serving.chat_output import ChoiceOutput, choice, finish_reason, plan_chat, seen_message
+from serving.openai.chat_output import ChoiceOutput, choice, finish_reason, plan_chat, seen_message
 from serving.openai.errors import as_api_error
 from serving.openai.requests import ChatCompletionRequest
 
@@ -50,7 +50,7 @@ def router(ctx: ServerContext) -> APIRouter:
             group.settle(False)  # one choice failed: every choice's state is released now
             raise
         outs = [ChoiceOutput(plan, p.handle.prompt_tail(), i) for i, p in enumerate(group.pumps)]
-        reply = _Reply(ctx, body, group, outs, openai_format.completion_id(), int(time.time()), model_name)
+        reply = _Reply(ctx, body, group, outs, bodies.completion_id(), int(time.time()), model_name)
         if not body.stream:
             try:
                 results = [await ctx.collect(p, request, ev) for p, ev in zip(group.pumps, firsts)]
@@ -86,8 +86,8 @@ class _Reply:
         for pump, c, res in zip(self.group.pumps, choices, results):
             pump.seen = seen_message(c["message"])
             self.ctx.metrics.count_request("chat", res.finish_reason)
-        return openai_format.chat_completion(choices, results, model=self.model, request_id=self.rid,
-                                             created=self.created)
+        return bodies.chat_completion(choices, results, model=self.model, request_id=self.rid,
+                                      created=self.created)
 
     def _chunk(self, index: int, delta: dict, finish=None, logprobs=None) -> dict:
         c = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -116,7 +116,7 @@ class _Reply:
     def closing(self, results):
         if self.body.include_usage:
             yield sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                       "model": self.model, "choices": [], "usage": openai_format.usage_of_choices(results)})
+                       "model": self.model, "choices": [], "usage": bodies.usage_of_choices(results)})
         yield DONE
 
     def error(self, err, result):

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api.pump import Pump, PumpGroup, call
 from serving.api.sse import sse
-from serving.chat_output import OutputConfig
+from serving.openai.chat_output import OutputConfig
 from serving.metrics import Metrics
 from serving.openai.errors import APIError, as_api_error, openai_error, validation_error
 from serving.openai.fields import check_id
@@ -91,7 +91,7 @@ class ServerContext:
     def __init__(self, engine, *, served_model_name: str | None = None, metrics: Metrics | None = None,
                  require_cache_salt: bool = False, output: OutputConfig | None = None):
         self.engine = engine
-        self.output = output or OutputConfig()   # tool-call and reasoning parsers (serving/chat_output.py)
+        self.output = output or OutputConfig()   # tool-call and reasoning parsers (serving/openai/chat_output.py)
         self.require_cache_salt = bool(require_cache_salt)
         self.vocab_size = engine_vocab_size(engine) or None
         self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"

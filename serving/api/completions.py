@@ -8,7 +8,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving import openai_format
+from serving.openai import bodies
 from serving.api.common import ServerContext
 from serving.api.delivery import DeliveringJSONResponse
 from serving.api.pump import PumpGroup
@@ -69,7 +69,7 @@ class _Reply:
         lp = self.ctx.lp_fmt.completion(result.logprobs or [], 0) if self.want_lp else None
         return dict(self.base, choices=[{"index": 0, "text": result.text, "logprobs": lp,
                                          "finish_reason": result.finish_reason}],
-                    usage=openai_format.usage(result))
+                    usage=bodies.usage(result))
 
     def _chunk(self, text, finish_reason=None, logprobs=None) -> dict:
         c = dict(self.base, choices=[{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
@@ -96,7 +96,7 @@ class _Reply:
 
     def closing(self, results):
         if self.body.include_usage:
-            yield sse(dict(self.base, choices=[], usage=openai_format.usage(results[0])))
+            yield sse(dict(self.base, choices=[], usage=bodies.usage(results[0])))
         yield DONE
 
     def error(self, err, result):

@@ -8,4 +8,7 @@ hold (docs/server.md, "Limits").
 * responses_request.py  the Responses API request
 * parse.py              `parse_request(Model, body, vocab_size=...)`
 * logprobs.py           logprobs in OpenAI's shapes
+* bodies.py             the answer bodies shared by the server and the batch job (chat.completion, usage, error)
+* chat_output.py        a chat request's plan and how its choices' output is read (tool calls, reasoning)
+* parsers/              the tool-call and reasoning parsers chat_output.py reads the output with
 """

@@ -7,7 +7,7 @@ import re
 
 import jinja2
 
-from serving import openai_format
+from serving.openai import bodies
 from serving.errors import EngineError
 
 log = logging.getLogger("serving.openai")
@@ -20,10 +20,10 @@ class APIError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or openai_format.error_type(status)
+        self.type = type or bodies.error_type(status)
 
 
-openai_error = openai_format.error_body  # {"error": {"message", "type", "param", "code"}}
+openai_error = bodies.error_body  # {"error": {"message", "type", "param", "code"}}
 
 
 def as_api_error(exc: BaseException) -> APIError:

@@ -13,8 +13,9 @@ from typing import Any
 
 from serving.errors import BadRequest
 from serving.grammar import GrammarError, GrammarSpec
-from serving.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, ReasoningParser, ToolCallParser,
-                             detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser, starts_in_reasoning)
+from serving.openai.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, ReasoningParser, ToolCallParser,
+                                    detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser,
+                                    starts_in_reasoning)
 
 
 def add_output_flags(p) -> None:
