@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from serving import Engine
-    from serving.api.http_limits import fit_fd_limit, limited_protocol
+    from serving.openai.api.http_limits import fit_fd_limit, limited_protocol
     from serving.app import DEFAULT_MAX_REQUEST_BYTES, create_app
     from serving.metrics import Metrics
     from serving.responses_store import ResponsesStore

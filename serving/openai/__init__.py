@@ -1,7 +1,9 @@
-"""The OpenAI wire protocol: the one place where a request is validated, for every route of the HTTP app
-(`serving.api`) and for the batch job (`serving.batch`). A request that passes it holds only values the engine can
-hold (docs/server.md, "Limits").
+"""The OpenAI wire: the HTTP routes, the request models (the one place where a request is validated, for every
+route and for the batch job `serving.batch`: a request that passes holds only values the engine can hold,
+docs/server.md "Limits"), the error shape and the answer bodies.
 
+* api/                  the HTTP routes, one module per API, and what they share (the guard, the pump, the SSE
+                        writer, delivery); `serving.app.create_app` wires them
 * errors.py             the OpenAI error (`APIError`, its body, any exception or validation error as one)
 * fields.py             the limits and the field rules every request model shares, the base models
 * requests.py           chat completions, completions, /tokenize and /detokenize requests

@@ -1,4 +1,4 @@
-"""A chat request's plan and its choices' output, shared by the server (serving/api/chat.py) and the batch job.
+"""A chat request's plan and its choices' output, shared by the server (serving/openai/api/chat.py) and the batch job.
 
 `plan_chat` turns a validated ChatCompletionRequest into what the engine takes (messages, n, sampling with the
 output constraint as a `GrammarSpec`, the chat template's variables) and how the output is read back (`Outputs`:

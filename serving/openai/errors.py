@@ -7,8 +7,8 @@ import re
 
 import jinja2
 
-from serving.openai import bodies
 from serving.errors import EngineError
+from serving.openai import bodies
 
 log = logging.getLogger("serving.openai")
 

@@ -1,5 +1,5 @@
 """Parsing a request body into its model: `parse_request(Model, body, vocab_size=...)`, for every route of the
-HTTP app (`serving.api`) and for the batch job (`serving.batch`). The vocabulary size reaches the validators
+HTTP app (`serving.openai.api`) and for the batch job (`serving.batch`). The vocabulary size reaches the validators
 through pydantic's validation context, so token ids are checked against the served model."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Responses API request (`POST /v1/responses`, serving/api/responses.py): the fields it supports, those that
+"""The Responses API request (`POST /v1/responses`, serving/openai/api/responses.py): the fields it supports, those that
 change nothing in the output (accepted), and those refused with 400 (a field that would change the output is never
 ignored)."""
 from __future__ import annotations

@@ -18,10 +18,10 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving.api.common import ServerContext, query_salt
-from serving.api.delivery import DeliveringJSONResponse
-from serving.api.pump import PumpGroup
-from serving.api.sse import sse, sse_response
+from serving.openai.api.common import ServerContext, query_salt
+from serving.openai.api.delivery import DeliveringJSONResponse
+from serving.openai.api.pump import PumpGroup
+from serving.openai.api.sse import sse, sse_response
 from serving.openai.errors import APIError
 from serving.openai.responses_request import ResponsesRequest
 from serving.responses_store import ResponsesStore
@@ -150,7 +150,7 @@ def router(ctx: ServerContext, store: ResponsesStore) -> APIRouter:
 
 
 class _Reply:
-    """One response object: whole, or as the Responses API's stream events (its SSEForm, serving/api/sse.py). A
+    """One response object: whole, or as the Responses API's stream events (its SSEForm, serving/openai/api/sse.py). A
     completed response is stored (unless `store` is false)."""
 
     def __init__(self, ctx: ServerContext, body: ResponsesRequest, store: ResponsesStore, salt: str | None, prev,

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serving.openai import bodies
-from serving.api.common import ServerContext
-from serving.api.delivery import DeliveringJSONResponse
-from serving.api.pump import PumpGroup
-from serving.api.sse import DONE, sse, sse_response
+from serving.openai.api.common import ServerContext
+from serving.openai.api.delivery import DeliveringJSONResponse
+from serving.openai.api.pump import PumpGroup
+from serving.openai.api.sse import DONE, sse, sse_response
 from serving.openai.requests import CompletionRequest
 
 
@@ -56,7 +56,7 @@ def router(ctx: ServerContext) -> APIRouter:
 
 
 class _Reply:
-    """The body of one text completion: whole, or as SSE chunks (its SSEForm, serving/api/sse.py)."""
+    """The body of one text completion: whole, or as SSE chunks (its SSEForm, serving/openai/api/sse.py)."""
 
     def __init__(self, ctx: ServerContext, body: CompletionRequest, group: PumpGroup, t0: float, rid: str,
                  created: int):

@@ -12,7 +12,7 @@ buffer is empty: handed to the kernel.
 `TransportTap` (ASGI middleware) puts uvicorn's transport into the request scope; `Delivery` is one response's
 view of its connection; `commit_before_last` commits a conversation turn before the last byte of its answer is
 sent, and `DeliveringJSONResponse` is a whole-body answer that settles its turn so (streamed answers:
-serving/api/sse.py).
+serving/openai/api/sse.py).
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from typing import Iterable, Protocol
 
 from fastapi.responses import StreamingResponse
 
-from serving.api.delivery import Delivery, commit_before_last
-from serving.api.pump import PumpGroup
+from serving.openai.api.delivery import Delivery, commit_before_last
+from serving.openai.api.pump import PumpGroup
 from serving.openai.errors import APIError, as_api_error
 
 DONE = "data: [DONE]\n\n"
@@ -85,7 +85,7 @@ class AbortingStreamingResponse(StreamingResponse):
     """An SSE response that aborts its request however the response ends early: client disconnect (the stream
     task is cancelled, possibly before the body generator ever started), a failed send, or an error. After a
     complete stream the abort is a no-op, and the turn settles as delivered once the client acknowledged the
-    last byte (serving/api/delivery.py); a conversation turn commits before its last event is sent
+    last byte (serving/openai/api/delivery.py); a conversation turn commits before its last event is sent
     (`commit_before_last`)."""
 
     def __init__(self, content, pump: PumpGroup):

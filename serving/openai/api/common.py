@@ -1,8 +1,8 @@
 """What every route module of the server shares: `ServerContext`, the per-app state the routers are built over
 (the engine, the metrics, request parsing, the salt and conversation id rules, starting a request and reading its
 events), the request helpers for ids sent as headers or query parameters, and the error handlers (every error in
-OpenAI's shape). The guard is serving/api/guard.py, the engine pump serving/api/pump.py, the SSE writer
-serving/api/sse.py.
+OpenAI's shape). The guard is serving/openai/api/guard.py, the engine pump serving/openai/api/pump.py, the SSE writer
+serving/openai/api/sse.py.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api.pump import Pump, PumpGroup, call
-from serving.api.sse import sse
-from serving.openai.chat_output import OutputConfig
 from serving.metrics import Metrics
+from serving.openai.api.pump import Pump, PumpGroup, call
+from serving.openai.api.sse import sse
+from serving.openai.chat_output import OutputConfig
 from serving.openai.errors import APIError, as_api_error, openai_error, validation_error
 from serving.openai.fields import check_id
 from serving.openai.logprobs import LogprobFormatter
@@ -98,7 +98,7 @@ class ServerContext:
         self.accepted_models = {self.model_name, getattr(engine, "model_name", self.model_name)}
         self.max_model_len = int(getattr(engine, "max_model_len", 0) or 0)
         self.created = int(time.time())
-        self.delivery_timeout = float(getattr(engine, "delivery_timeout", 120.0))  # see serving/api/delivery.py
+        self.delivery_timeout = float(getattr(engine, "delivery_timeout", 120.0))  # see serving/openai/api/delivery.py
 
         self.metrics, self.engine_observes = bind_metrics(engine, metrics)
         self.lp_fmt = LogprobFormatter(engine.tokenizer)

@@ -10,7 +10,7 @@ from urllib.parse import unquote_plus
 
 from fastapi.responses import JSONResponse
 
-from serving.api.http_limits import repeated_singleton
+from serving.openai.api.http_limits import repeated_singleton
 from serving.openai.errors import openai_error
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024

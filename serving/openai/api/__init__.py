@@ -1,5 +1,5 @@
 """The HTTP routes of the server, one module per API, each a `router(ctx)` over a shared `ServerContext`
-(serving/api/common.py); `serving.app.create_app` wires them.
+(serving/openai/api/common.py); `serving.app.create_app` wires them.
 
 * chat.py           POST /v1/chat/completions
 * completions.py    POST /v1/completions

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from serving.api.common import ServerContext, query_salt
-from serving.api.pump import call
+from serving.openai.api.common import ServerContext, query_salt
+from serving.openai.api.pump import call
 from serving.openai.errors import APIError, as_api_error
 from serving.openai.fields import check_id
 

@@ -63,7 +63,7 @@ class Pump:
                 pass
 
     def settle(self, delivered: bool):
-        """Two-phase commit: the turn commits once its answer was delivered (serving/api/delivery.py) and the
+        """Two-phase commit: the turn commits once its answer was delivered (serving/openai/api/delivery.py) and the
         response carried no error, else it is discarded (called once, by the response that carries the
         answer). `seen` (set by the route) is the answer as the client received it."""
         if not self.settled:
