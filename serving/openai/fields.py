@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from pydantic_core import PydanticCustomError
 
 from serving.openai.errors import APIError, path_to_param
-from serving.request import INT32_MAX, MAX_N, RANGES
+from serving.request import INT32_MAX, RANGES
 from serving.turns import MAX_ID_LEN  # conversation_id, cache_salt, previous_response_id: 1..256 printable
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -27,11 +27,6 @@ MAX_TOP_LOGPROBS = RANGES["top_logprobs"].hi  # alternatives per token the engin
 MAX_TOKEN_IDS = 1 << 20        # token ids of a completion prompt or a /detokenize request
 MAX_TOOLS = 128                # tools of a request, tool calls of a message
 MAX_LOGIT_BIAS = 300           # logit_bias entries (OpenAI's bound)
-
-LIMITS = dict(int32_max=INT32_MAX, max_id_len=MAX_ID_LEN, max_messages=MAX_MESSAGES,
-              max_content_parts=MAX_CONTENT_PARTS, max_stop=MAX_STOP, max_stop_chars=MAX_STOP_CHARS,
-              max_stop_token_ids=MAX_STOP_TOKEN_IDS, max_top_logprobs=MAX_TOP_LOGPROBS,
-              max_token_ids=MAX_TOKEN_IDS, max_tools=MAX_TOOLS, max_logit_bias=MAX_LOGIT_BIAS, max_n=MAX_N)
 
 
 def field_error(param: str, message: str) -> PydanticCustomError:
