@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from serving.chat_output import add_output_flags
+from serving.openai.chat_output import add_output_flags
 
 
 def _memory(v: str) -> str | int:
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from serving import Engine
-    from serving.api.http_limits import fit_fd_limit, limited_protocol
+    from serving.openai.api.http_limits import fit_fd_limit, limited_protocol
     from serving.app import DEFAULT_MAX_REQUEST_BYTES, create_app
     from serving.metrics import Metrics
     from serving.responses_store import ResponsesStore

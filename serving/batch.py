@@ -9,7 +9,7 @@ Input, one request per line (blank lines are ignored)::
      "body": {"messages": [...], "max_tokens": 16, "temperature": 0, "conversation_id": "c1", "cache_salt": "s"}}
 
 The body is validated exactly as `POST /v1/chat/completions` of the server validates it (the same request model
-and limits, `serving.protocol`) and answered with the same `chat.completion` object (`serving.openai_format`);
+and limits, `serving.openai`) and answered with the same `chat.completion` object (`serving.openai.bodies`);
 `stream` and `stream_options` are ignored (whole responses are written). A `model` in the body must name the
 served model (`--served-model-name`, default the checkpoint directory's name), as for the server.
 
@@ -53,8 +53,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from serving import openai_format, protocol
-from serving.chat_output import ChoiceOutput, OutputConfig, add_output_flags, choice, plan_chat
+from serving.openai import bodies
+from serving.openai.chat_output import ChoiceOutput, OutputConfig, add_output_flags, choice, plan_chat
+from serving.openai.errors import APIError, as_api_error
+from serving.openai.logprobs import LogprobFormatter
+from serving.openai.parse import engine_vocab_size, parse_request
+from serving.openai.requests import ChatCompletionRequest
 
 log = logging.getLogger("serving.batch")
 
@@ -80,7 +84,7 @@ def _error_record(custom_id, lineno: int, code: str, message: str, *, status: in
                   type: str | None = None, param: str | None = None) -> dict:
     return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id, "response": None,
             "error": {"code": code, "message": message, "line": lineno, "status_code": status,
-                      "type": type or openai_format.error_type(status), "param": param}}
+                      "type": type or bodies.error_type(status), "param": param}}
 
 
 def _group_key(body) -> tuple | None:
@@ -189,8 +193,8 @@ def read_done(path: str) -> tuple[dict, set]:
 # The server's request model and error mapping
 # --------------------------------------------------------------------------------------------------
 
-def _validation_error(err: "protocol.APIError") -> dict:
-    """The server's 400 for a request that breaks a rule of serving.protocol."""
+def _validation_error(err: APIError) -> dict:
+    """The server's 400 for a request that breaks a rule of serving.openai."""
     return dict(status=err.status, message=err.message, param=err.param, code=err.code)
 
 
@@ -242,7 +246,7 @@ class BatchRunner:
         self.concurrency = max(1, int(concurrency))
         self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"
         self.accepted_models = {self.model_name, getattr(engine, "model_name", self.model_name)}
-        self.lp_fmt = protocol.LogprobFormatter(engine.tokenizer)
+        self.lp_fmt = LogprobFormatter(engine.tokenizer)
         self.progress_enabled = progress
         self.write_lock = threading.Lock()
         self.stop = threading.Event()
@@ -279,20 +283,20 @@ class BatchRunner:
     # ------------------------------------------------------------------ one request
     def _api_error(self, item: _Line, *, status: int, message: str, type: str | None = None,
                    param: str | None = None, code: str | None = None) -> dict:
-        return _error_record(item.custom_id, item.lineno, code or type or openai_format.error_type(status), message,
+        return _error_record(item.custom_id, item.lineno, code or type or bodies.error_type(status), message,
                              status=status, type=type, param=param)
 
     def _from_exception(self, item: _Line, exc: BaseException) -> dict:
-        e = protocol.as_api_error(exc)
+        e = as_api_error(exc)
         return self._api_error(item, status=e.status, message=e.message, type=e.type, param=e.param, code=e.code)
 
     def _validate(self, body: dict):
-        """(request model, None) or (None, error kwargs): the server's rules and limits (serving.protocol), token
+        """(request model, None) or (None, error kwargs): the server's rules and limits (serving.openai), token
         ids against this engine's vocabulary."""
         try:
-            return protocol.parse_request(protocol.ChatCompletionRequest, body,
-                                          vocab_size=protocol.engine_vocab_size(self.engine) or None), None
-        except protocol.APIError as e:
+            return parse_request(ChatCompletionRequest, body,
+                                 vocab_size=engine_vocab_size(self.engine) or None), None
+        except APIError as e:
             return None, _validation_error(e)
 
     def _submit(self, fn, *args, **kw):
@@ -331,7 +335,7 @@ class BatchRunner:
         choices = [choice(ChoiceOutput(plan, h.prompt_tail(), i), res,
                           {"content": self.lp_fmt.chat(res.logprobs or [])} if req.logprobs else None)
                    for i, (h, res) in enumerate(zip(handles, results))]
-        body = openai_format.chat_completion(choices, results, model=self.model_name, created=created)
+        body = bodies.chat_completion(choices, results, model=self.model_name, created=created)
         handle = handles[0]
         return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": item.custom_id,
                 "response": {"status_code": 200, "request_id": handle.request_id, "body": body}, "error": None}

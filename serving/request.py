@@ -20,6 +20,44 @@ MAX_N = 16               # choices of one request
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a sampling parameter may take: [lo, hi], or (lo, hi] when `lo_open`."""
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        return (self.lo < v if self.lo_open else self.lo <= v) and v <= self.hi
+
+    def __str__(self) -> str:
+        def num(x):
+            return f"{x:g}" if isinstance(x, float) else str(x)
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}]"
+
+    def bounds(self) -> dict:
+        """The bounds as pydantic's Field arguments (the request models of serving.openai)."""
+        return {"gt" if self.lo_open else "ge": self.lo, "le": self.hi}
+
+
+# The one home of the value ranges: SamplingParams.create checks them, the request models of serving.openai
+# declare them (docs/server.md, "Limits").
+RANGES = {
+    "max_tokens": Range(1, INT32_MAX),
+    "temperature": Range(0.0, 2.0),
+    "top_p": Range(0.0, 1.0, lo_open=True),
+    "top_k": Range(1, INT32_MAX),            # or -1: off
+    "min_p": Range(0.0, 1.0),
+    "top_logprobs": Range(0, NUM_TOP_LOGPROBS),
+    "token_id": Range(0, INT32_MAX),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "repetition_penalty": Range(0.0, 2.0, lo_open=True),
+    "logit_bias": Range(-100.0, 100.0),
+    "min_tokens": Range(0, INT32_MAX),       # and at most max_tokens
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0
@@ -54,21 +92,25 @@ class SamplingParams:
         kw["stop_token_ids"] = tuple(int(t) for t in kw.get("stop_token_ids", ()) or ())
         kw["logit_bias"] = _logit_bias(kw.get("logit_bias") or ())
         p = cls(**kw)
-        checks = [(isinstance(p.max_tokens, int) and 1 <= p.max_tokens <= INT32_MAX,
-                   f"max_tokens must be an integer in [1, {INT32_MAX}]"),
-                  (0.0 <= p.temperature <= 2.0, "temperature must be in [0, 2]"),
-                  (0.0 < p.top_p <= 1.0, "top_p must be in (0, 1]"),
-                  (p.top_k == -1 or 1 <= p.top_k <= INT32_MAX, f"top_k must be -1 (off) or in [1, {INT32_MAX}]"),
-                  (0.0 <= p.min_p <= 1.0, "min_p must be in [0, 1]"),
-                  (0 <= p.top_logprobs <= NUM_TOP_LOGPROBS, f"top_logprobs must be in [0, {NUM_TOP_LOGPROBS}]"),
-                  (all(0 <= t <= INT32_MAX for t in p.stop_token_ids),
-                   f"stop_token_ids must be token ids in [0, {INT32_MAX}]"),
-                  (-2.0 <= p.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-                  (-2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-                  (0.0 < p.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
-                  (all(0 <= t <= INT32_MAX and -100.0 <= b <= 100.0 for t, b in p.logit_bias),
-                   "logit_bias maps token ids to biases in [-100, 100]"),
-                  (isinstance(p.min_tokens, int) and 0 <= p.min_tokens <= p.max_tokens,
+        r = RANGES
+        checks = [(isinstance(p.max_tokens, int) and p.max_tokens in r["max_tokens"],
+                   f"max_tokens must be an integer in {r['max_tokens']}"),
+                  (p.temperature in r["temperature"], f"temperature must be in {r['temperature']}"),
+                  (p.top_p in r["top_p"], f"top_p must be in {r['top_p']}"),
+                  (p.top_k == -1 or p.top_k in r["top_k"], f"top_k must be -1 (off) or in {r['top_k']}"),
+                  (p.min_p in r["min_p"], f"min_p must be in {r['min_p']}"),
+                  (p.top_logprobs in r["top_logprobs"], f"top_logprobs must be in {r['top_logprobs']}"),
+                  (all(t in r["token_id"] for t in p.stop_token_ids),
+                   f"stop_token_ids must be token ids in {r['token_id']}"),
+                  (p.presence_penalty in r["presence_penalty"],
+                   f"presence_penalty must be in {r['presence_penalty']}"),
+                  (p.frequency_penalty in r["frequency_penalty"],
+                   f"frequency_penalty must be in {r['frequency_penalty']}"),
+                  (p.repetition_penalty in r["repetition_penalty"],
+                   f"repetition_penalty must be in {r['repetition_penalty']}"),
+                  (all(t in r["token_id"] and b in r["logit_bias"] for t, b in p.logit_bias),
+                   f"logit_bias maps token ids to biases in {r['logit_bias']}"),
+                  (isinstance(p.min_tokens, int) and p.min_tokens in r["min_tokens"] and p.min_tokens <= p.max_tokens,
                    "min_tokens must be an integer in [0, max_tokens]")]
         for ok, msg in checks:
             if not ok:

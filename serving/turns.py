@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from serving.chat_template import render_continuation
 from serving.conversations import Conversation
 from serving.errors import BadRequest
 from serving.request import Request
-from serving.tokenizer import render_continuation
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_ID_LEN = 256

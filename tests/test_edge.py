@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from serving.protocol import INT32_MAX, MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, \
-    MAX_TOP_LOGPROBS
+from serving.openai.fields import MAX_CONTENT_PARTS, MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS
+from serving.request import INT32_MAX
 from test_server import (_CHAT, _CMPL, _DROP, COMMON, KEY, MAX_MODEL_LEN, MAX_REQUEST_BYTES, NAME, ServerProcess,  # noqa: F401
                          _chat, assert_openai_error, chat_turn, server_env, workdir)
 

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from serving.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, HermesToolCallParser, NemotronToolCallParser,
-                             ToolCallParser, detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser,
-                             starts_in_reasoning)
+from serving.openai.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, HermesToolCallParser, NemotronToolCallParser,
+                                    ToolCallParser, detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser,
+                                    starts_in_reasoning)
 
 SEEDS = range(150)
 

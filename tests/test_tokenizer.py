@@ -1,4 +1,4 @@
-"""Tests for serving.tokenizer: HF tokenizer loading, chat templates (transformers as the oracle),
+"""Tests for serving.tokenizer and serving.chat_template: HF tokenizer loading, chat templates (transformers as the oracle),
 the byte tokenizer, streaming detokenization and conversation continuation."""
 
 import json
@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from serving.chat_template import render_continuation
 from serving.tokenizer import (
     BYTE_CHAT_TEMPLATE,
     ByteTokenizer,
     IncrementalDecoder,
     Tokenizer,
     load_tokenizer,
-    render_continuation,
 )
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

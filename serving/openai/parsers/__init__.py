@@ -6,11 +6,11 @@ parser. Names follow vLLM's `--reasoning-parser` / `--tool-call-parser` (see `RE
 """
 from __future__ import annotations
 
-from serving.parsers.reasoning import (REASONING_PARSERS, DeepSeekR1ReasoningParser, NemotronV3ReasoningParser,
-                                       Qwen3ReasoningParser, ReasoningParser, starts_in_reasoning)
-from serving.parsers.tool_calls import (TOOL_CALL_PARSERS, Granite4ToolCallParser, HermesToolCallParser,
-                                        NemotronToolCallParser, ToolCall, ToolCallDelta, ToolCallParser,
-                                        random_call_id)
+from serving.openai.parsers.reasoning import (REASONING_PARSERS, DeepSeekR1ReasoningParser, NemotronV3ReasoningParser,
+                                              Qwen3ReasoningParser, ReasoningParser, starts_in_reasoning)
+from serving.openai.parsers.tool_calls import (TOOL_CALL_PARSERS, Granite4ToolCallParser, HermesToolCallParser,
+                                               NemotronToolCallParser, ToolCall, ToolCallDelta, ToolCallParser,
+                                               random_call_id)
 
 __all__ = ["REASONING_PARSERS", "TOOL_CALL_PARSERS", "DeepSeekR1ReasoningParser", "Granite4ToolCallParser",
            "HermesToolCallParser", "NemotronToolCallParser", "NemotronV3ReasoningParser", "Qwen3ReasoningParser",

@@ -10,7 +10,9 @@ proxy. Where that cannot be read (no TCP socket, not Linux) the answer counts as
 buffer is empty: handed to the kernel.
 
 `TransportTap` (ASGI middleware) puts uvicorn's transport into the request scope; `Delivery` is one response's
-view of its connection.
+view of its connection; `commit_before_last` commits a conversation turn before the last byte of its answer is
+sent, and `DeliveringJSONResponse` is a whole-body answer that settles its turn so (streamed answers:
+serving/openai/api/sse.py).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import socket
 import struct
 import sys
 import termios
+
+from fastapi.responses import JSONResponse
 
 log = logging.getLogger("serving.app")
 
@@ -96,3 +100,42 @@ class Delivery:
                 delay = min(delay * 2, _POLL_MAX_S)
         finally:
             self.close()
+
+
+async def commit_before_last(delivery: Delivery, pump) -> bool:
+    """A conversation turn's answer (`pump`: its Pump or PumpGroup), all but its last event or byte sent: wait
+    until the client acknowledged them, then commit the turn (durably, with a state database). Returns whether to
+    send the last part: a client that holds the whole answer thus always finds its turn committed, even if the
+    server is killed right after. False (the turn is discarded, the answer left unfinished) if the client did not
+    read in time or the commit was refused (another replica advanced the conversation)."""
+    if not await delivery.confirmed(pump.delivery_timeout):
+        pump.settle(False)
+        return False
+    return await pump.commit() or pump.failed
+
+
+class DeliveringJSONResponse(JSONResponse):
+    """A whole-body answer whose turn commits once the client acknowledged the body's last byte (discarded if
+    sending failed or it was not acknowledged in time)."""
+
+    def __init__(self, content, pump):
+        super().__init__(content)
+        self.pump = pump
+
+    async def __call__(self, scope, receive, send):
+        delivery = Delivery(scope)
+        delivered = False
+        try:
+            if self.pump.conversation_turn:  # all but the last byte, then the commit (`commit_before_last`)
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                await send({"type": "http.response.body", "body": self.body[:-1], "more_body": True})
+                if await commit_before_last(delivery, self.pump):
+                    await send({"type": "http.response.body", "body": self.body[-1:]})
+                    delivered = True
+            else:
+                await super().__call__(scope, receive, send)
+                delivered = await delivery.confirmed(self.pump.delivery_timeout)
+        finally:
+            delivery.close()
+            self.pump.settle(delivered)
+

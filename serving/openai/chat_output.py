@@ -1,4 +1,4 @@
-"""A chat request's plan and its choices' output, shared by the server (serving/api/chat.py) and the batch job.
+"""A chat request's plan and its choices' output, shared by the server (serving/openai/api/chat.py) and the batch job.
 
 `plan_chat` turns a validated ChatCompletionRequest into what the engine takes (messages, n, sampling with the
 output constraint as a `GrammarSpec`, the chat template's variables) and how the output is read back (`Outputs`:
@@ -13,8 +13,9 @@ from typing import Any
 
 from serving.errors import BadRequest
 from serving.grammar import GrammarError, GrammarSpec
-from serving.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, ReasoningParser, ToolCallParser,
-                             detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser, starts_in_reasoning)
+from serving.openai.parsers import (REASONING_PARSERS, TOOL_CALL_PARSERS, ReasoningParser, ToolCallParser,
+                                    detect_tool_call_parser, get_reasoning_parser, get_tool_call_parser,
+                                    starts_in_reasoning)
 
 
 def add_output_flags(p) -> None:

@@ -11,9 +11,11 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.api.common import ServerContext, __version__, call
 from serving.errors import PromptTooLong
-from serving.protocol import APIError, DetokenizeRequest, TokenizeRequest, as_api_error
+from serving.openai.api.common import ServerContext, __version__
+from serving.openai.api.pump import call
+from serving.openai.errors import APIError, as_api_error
+from serving.openai.requests import DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("serving.app")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from serving.api.common import ServerContext, call, query_salt
-from serving.protocol import APIError, as_api_error, check_id
+from serving.openai.api.common import ServerContext, query_salt
+from serving.openai.api.pump import call
+from serving.openai.errors import APIError, as_api_error
+from serving.openai.fields import check_id
 
 
 def router(ctx: ServerContext) -> APIRouter:

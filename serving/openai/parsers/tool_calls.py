@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from serving.parsers.reasoning import emit_len
+from serving.openai.parsers.reasoning import emit_len
 
 __all__ = ["TOOL_CALL_PARSERS", "Granite4ToolCallParser", "HermesToolCallParser", "NemotronToolCallParser",
            "ToolCall", "ToolCallDelta", "ToolCallParser", "random_call_id"]

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from serving.protocol import APIError, openai_error
+from serving.openai.errors import APIError, openai_error
 
 log = logging.getLogger("serving.app")
 
