@@ -4,7 +4,7 @@ conversation; then how long the background warm-up took to compile the rest. Pri
 machine's load average.
 
     python -m bench.bench_first_start                       # the embedded default model, 3 runs
-    python -m bench.bench_first_start --model DIR --runs 1  # a checkpoint (e.g. random_checkpoint's)
+    python -m bench.bench_first_start --model DIR --runs 1 --max-tokens 16  # a checkpoint (random_checkpoint's)
     python -m bench.bench_first_start --warmup all          # the old way: every program before healthy
 
 Each run uses a new empty compilation cache directory and a free port; server logs go to a file (not a terminal),
@@ -38,9 +38,10 @@ def _get(url: str, timeout: float = 5.0):
         return r.status, r.read().decode()
 
 
-def _chat(base: str, message: str) -> dict:
-    body = json.dumps({"conversation_id": "first-chat", "cache_salt": "readme", "temperature": 0,
-                       "messages": [{"role": "user", "content": message}]}).encode()
+def _chat(base: str, message: str, max_tokens: int | None) -> dict:
+    body = {"conversation_id": "first-chat", "cache_salt": "readme", "temperature": 0,
+            "messages": [{"role": "user", "content": message}]}
+    body = json.dumps(body | ({"max_tokens": max_tokens} if max_tokens else {})).encode()
     req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=1800) as r:
         return json.load(r)
@@ -52,7 +53,7 @@ def _programs(base: str) -> tuple[int, int]:
                  for k in ("compiled", "total"))
 
 
-def run_once(extra: list[str], log_path: str, cache_dir: str, timeout: float) -> dict:
+def run_once(extra: list[str], log_path: str, cache_dir: str, timeout: float, max_tokens: int | None) -> dict:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serving", "--port", str(port), "--compilation-cache-dir", cache_dir, *extra]
@@ -73,7 +74,7 @@ def run_once(extra: list[str], log_path: str, cache_dir: str, timeout: float) ->
         out["compiled_when_healthy"], out["programs"] = _programs(base)
         answers = []
         for i, message in enumerate(TURNS):
-            r = _chat(base, message)
+            r = _chat(base, message, max_tokens)
             answers.append(r["choices"][0]["message"]["content"])
             out[f"turn{i + 1}_s"] = time.perf_counter() - t0
         out["answers"] = answers
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="a checkpoint directory (default: the embedded model)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", default=None, choices=("first", "all"), help="passed to the server")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="max_tokens of each turn (random weights rarely stop on their own); default: none, as README")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds a run may take")
     ap.add_argument("--keep-logs", default=None, help="copy each run's server log into this folder")
     args = ap.parse_args(argv)
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             log_path = os.path.join(args.keep_logs or tmp, f"first_start_{i}.log")
-            r = run_once(extra, log_path, os.path.join(tmp, "jax"), args.timeout)
+            r = run_once(extra, log_path, os.path.join(tmp, "jax"), args.timeout, args.max_tokens)
             with open(log_path) as f:
                 warm = re.search(r"warm-up: (\d+) step programs ready in ([0-9.]+)s", f.read())
         print(f"run {i}: healthy {r['healthy_s']:.1f}s ({r['compiled_when_healthy']}/{r['programs']} step "

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             super().handle_exit(sig, frame)
 
     # uvicorn's h11 protocol with a head timeout and the connection cap, forced even where httptools is installed
-    # (serving/api/http_limits.py); the cap replaces uvicorn's limit_concurrency, which also counts requests.
+    # (serving/openai/api/http_limits.py); the cap replaces uvicorn's limit_concurrency, which also counts requests.
     fit_fd_limit(args.max_connections)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.graceful_timeout, access_log=level <= logging.DEBUG,
