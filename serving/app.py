@@ -20,7 +20,8 @@ conversation / response, 405, 408 body not received in time, 409 busy conversati
 overloaded, 500 internal (a repeated singleton header or query parameter is 400 too; the request-head timeout's
 408 and the connection cap's 503 come from below the app: serving/openai/api/http_limits.py). The engine's blocking
 calls run in worker threads; a client that disconnects aborts its request, so the turn is discarded (invariant
-I3). The guard (API key, body size, body read timeout: openai/api/guard.py), the error handlers
+I3). Every response carries an `x-request-id` header (openai/api/request_id.py). The guard (API key, body size,
+body read timeout: openai/api/guard.py), the error handlers
 (openai/api/common.py), the engine pump (openai/api/pump.py) and the SSE writer (openai/api/sse.py) are shared.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from serving.openai.api.common import ServerContext, __version__, install_error_
 from serving.openai.api.delivery import TransportTap
 from serving.openai.api.guard import (DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REQUEST_BODY_TIMEOUT, Guard,
                                       install_log_redaction)
+from serving.openai.api.request_id import RequestId
 from serving.openai.chat_output import OutputConfig
 from serving.openai.errors import openai_error
 from serving.responses_store import DEFAULT_MAX_STORED_RESPONSES, ResponsesStore
@@ -63,6 +65,7 @@ def create_app(engine, *, api_key: str | None = None, served_model_name: str | N
     install_error_handlers(app, ctx)
     app.add_middleware(Guard, api_key=api_key, max_request_bytes=int(max_request_bytes),
                        on_error=ctx.metrics.count_error, body_timeout=float(request_body_timeout))
+    app.add_middleware(RequestId)  # outside the guard: its refusals carry the header too
     app.add_middleware(TransportTap)  # outermost: sees the server's own receive (serving/openai/api/delivery.py)
     for r in (chat.router(ctx), completions.router(ctx), responses.router(ctx, store),
               conversations.router(ctx), admin.router(ctx)):

@@ -57,6 +57,7 @@ Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSA
 
 class StreamOptions(WireModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM's extra: with include_usage, usage in every chunk
 
 
 # Fields of OpenAI's and vLLM's requests that change nothing in the output: accepted and dropped (docs/server.md).
@@ -110,10 +111,6 @@ class _SamplingFields(RequestBody):
                   frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
                   min_tokens=self.min_tokens, logit_bias=self.logit_bias or None)
         return {k: v for k, v in kw.items() if v is not None}
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class FunctionDef(WireModel):

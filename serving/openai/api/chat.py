@@ -13,7 +13,7 @@ from serving.openai import bodies
 from serving.openai.api.common import ServerContext
 from serving.openai.api.delivery import DeliveringJSONResponse
 from serving.openai.api.pump import PumpGroup
-from serving.openai.api.sse import DONE, sse, sse_response
+from serving.openai.api.sse import DONE, StreamUsage, sse, sse_response
 from serving.openai.chat_output import ChoiceOutput, choice, finish_reason, plan_chat, seen_message
 from serving.openai.errors import as_api_error
 from serving.openai.requests import ChatCompletionRequest
@@ -77,6 +77,7 @@ class _Reply:
                  model: str):
         self.ctx, self.body, self.group, self.outs = ctx, body, group, outs
         self.rid, self.created, self.model = rid, created, model
+        self.usage = StreamUsage(body.stream_options, group)
 
     def _logprobs(self, tls):
         return {"content": self.ctx.lp_fmt.chat(tls or [])} if self.body.logprobs else None
@@ -92,21 +93,21 @@ class _Reply:
     def _chunk(self, index: int, delta: dict, finish=None, logprobs=None) -> dict:
         c = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
              "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-        if self.body.include_usage:
-            c["usage"] = None
-        return c
+        return self.usage.stamp(c, index)
 
     # ------------------------------------------------------------------ SSEForm
     def opening(self):
         return [sse(self._chunk(out.index, {"role": "assistant", "content": ""})) for out in self.outs]
 
     def delta(self, index: int, d):
+        self.usage.count(index, d)
         delta = self.outs[index].feed(d.text)
         lp = self._logprobs(d.logprobs) if self.body.logprobs and d.logprobs else None
         return [sse(self._chunk(index, delta, logprobs=lp))] if delta or lp is not None else []
 
     def finished(self, index: int, result):
         out = self.outs[index]
+        self.usage.finish(index, result)
         delta = out.finish()
         msg = out.streamed_message()
         self.group.pumps[index].seen = seen_message(msg)
@@ -114,7 +115,7 @@ class _Reply:
         return [sse(self._chunk(index, delta, finish=finish_reason(result.finish_reason, msg)))]
 
     def closing(self, results):
-        if self.body.include_usage:
+        if self.usage.include:
             yield sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
                        "model": self.model, "choices": [], "usage": bodies.usage_of_choices(results)})
         yield DONE

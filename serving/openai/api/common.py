@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.metrics import Metrics
 from serving.openai.api.pump import Pump, PumpGroup, call
+from serving.openai.api.request_id import HEADER, request_id_of
 from serving.openai.api.sse import sse
 from serving.openai.chat_output import OutputConfig
 from serving.openai.errors import APIError, as_api_error, openai_error, validation_error
@@ -254,5 +255,7 @@ def install_error_handlers(app: FastAPI, ctx: ServerContext) -> None:
         return ctx.error_response(exc)
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        return ctx.error_response(as_api_error(exc))
+    async def _internal(request: Request, exc: Exception):  # answered outside every middleware
+        resp = ctx.error_response(as_api_error(exc))
+        resp.headers[HEADER] = request_id_of(request.scope)
+        return resp

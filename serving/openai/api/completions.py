@@ -12,7 +12,7 @@ from serving.openai import bodies
 from serving.openai.api.common import ServerContext
 from serving.openai.api.delivery import DeliveringJSONResponse
 from serving.openai.api.pump import PumpGroup
-from serving.openai.api.sse import DONE, sse, sse_response
+from serving.openai.api.sse import DONE, StreamUsage, sse, sse_response
 from serving.openai.requests import CompletionRequest
 
 
@@ -64,6 +64,7 @@ class _Reply:
         self.want_lp = body.logprobs is not None
         self.base = {"id": rid, "object": "text_completion", "created": created, "model": ctx.model_name}
         self.offset = 0   # text streamed so far (the logprobs' text_offset)
+        self.usage = StreamUsage(body.stream_options, group)
 
     def whole(self, result) -> dict:
         lp = self.ctx.lp_fmt.completion(result.logprobs or [], 0) if self.want_lp else None
@@ -73,15 +74,14 @@ class _Reply:
 
     def _chunk(self, text, finish_reason=None, logprobs=None) -> dict:
         c = dict(self.base, choices=[{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
-        if self.body.include_usage:
-            c["usage"] = None
-        return c
+        return self.usage.stamp(c, 0)
 
     # ------------------------------------------------------------------ SSEForm
     def opening(self):
         return []
 
     def delta(self, index: int, d):
+        self.usage.count(index, d)
         lp = None
         if self.want_lp and d.logprobs:
             lp = self.ctx.lp_fmt.completion(d.logprobs, self.offset)
@@ -91,11 +91,12 @@ class _Reply:
         return [sse(self._chunk(d.text, logprobs=lp))]
 
     def finished(self, index: int, result):
+        self.usage.finish(index, result)
         self.ctx.metrics.count_request("completions", result.finish_reason)
         return [sse(self._chunk("", finish_reason=result.finish_reason))]
 
     def closing(self, results):
-        if self.body.include_usage:
+        if self.usage.include:
             yield sse(dict(self.base, choices=[], usage=bodies.usage(results[0])))
         yield DONE
 

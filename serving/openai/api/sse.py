@@ -5,7 +5,7 @@ the response that carries it.
 `PumpGroup`, one pump for completions and responses), the latency metrics, an engine error or a failed result
 ending the stream, and the abort of the request however the stream ends. What each event looks like on the wire
 is the API's own `SSEForm`: its events before the first token, per delta, per finished choice, at the end, and
-for an error.
+for an error. `StreamUsage` is the `usage` of the chat and completions chunks (`stream_options`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Iterable, Protocol
 
 from fastapi.responses import StreamingResponse
 
+from serving.openai import bodies
 from serving.openai.api.delivery import Delivery, commit_before_last
 from serving.openai.api.pump import PumpGroup
 from serving.openai.errors import APIError, as_api_error
@@ -46,6 +47,35 @@ class SSEForm(Protocol):
     def error(self, err: APIError, result) -> Iterable[str]:
         """The stream ends in `err`: a result that ended in error or abort (`result`), or an engine error after
         the stream started (`result` None). The form fails the group if the turn must be discarded."""
+
+
+class StreamUsage:
+    """The `usage` of a stream's chunks (`stream_options`). With `include_usage`: null in every chunk, and the
+    totals in a last usage-only chunk (the form's closing). With `continuous_usage_stats` too (as vLLM, which
+    ignores it without `include_usage`): every chunk carries its choice's running count, the prompt tokens and
+    the completion tokens of that choice so far (the finish chunk: the choice's final count)."""
+
+    def __init__(self, options, group: PumpGroup):
+        self.include = bool(options and options.include_usage)
+        self.continuous = self.include and options.continuous_usage_stats
+        self.prompt = group.pumps[0].handle.prompt_tokens if self.continuous else 0
+        self.tokens = [0] * len(group.pumps)
+
+    def count(self, index: int, delta) -> None:
+        """A StreamDelta of choice `index` (before its chunk is made)."""
+        self.tokens[index] += len(delta.token_ids)
+
+    def finish(self, index: int, result) -> None:
+        """Choice `index` finished (before its finish chunk is made): a final stop token is counted too."""
+        self.tokens[index] = int(result.completion_tokens)
+
+    def stamp(self, chunk: dict, index: int) -> dict:
+        """`chunk` of choice `index` with its usage."""
+        if self.continuous:
+            chunk["usage"] = bodies.running_usage(self.prompt, self.tokens[index])
+        elif self.include:
+            chunk["usage"] = None
+        return chunk
 
 
 async def write_sse(ctx, group: PumpGroup, firsts: list, t0: float, form: SSEForm):
