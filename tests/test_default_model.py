@@ -1,12 +1,13 @@
-"""The shipped default model (serving/default_model): its files, its shape, its training data split, and its
-recall on held-out conversations.
+"""The shipped default model (serving/default_model, trained by training/default_model): its files, its shape, its
+training data split, and its recall on held-out conversations.
 
-Recall is measured as `serving.default_model.evaluate` measures it: each conversation is played turn by turn as a
+Recall is measured as `training.default_model.evaluate` measures it: each conversation is played turn by turn as a
 chat client plays it, the model's own greedy replies kept in the history, on the paged-cache steps of
 `hybrid_jax.make_steps` (each turn computes only its new tokens). The conversations use only phrasings and words
 that no training conversation contains.
 """
 import json
+import os
 import random
 import re
 
@@ -14,13 +15,15 @@ import jax
 import pytest
 
 from hybrid_jax import load_pretrained
+import training.default_model
 from serving.default_model import MODEL_DIR
-from serving.default_model import data as D
-from serving.default_model import evaluate as E
 from serving.tokenizer import ByteTokenizer, load_tokenizer
+from training.default_model import data as D
+from training.default_model import evaluate as E
 
-FILES = ("config.json", "model.safetensors", "byte_tokenizer.json", "training.json", "README.md", "train.py",
-         "data.py", "vocab.py", "evaluate.py")
+FILES = ("config.json", "model.safetensors", "byte_tokenizer.json", "training.json", "README.md")
+TRAINING_DIR = os.path.dirname(os.path.abspath(training.default_model.__file__))
+TRAINING_FILES = ("train.py", "data.py", "phrasings.py", "vocab.py", "evaluate.py")
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +32,10 @@ def model():
 
 
 def test_shipped_files():
-    import os
     for name in FILES:
         assert os.path.isfile(os.path.join(MODEL_DIR, name)), name
+    for name in TRAINING_FILES:
+        assert os.path.isfile(os.path.join(TRAINING_DIR, name)), name
     assert isinstance(load_tokenizer(MODEL_DIR), ByteTokenizer)
     assert os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors")) < 8 * 2**20  # "a few MB"
     with open(os.path.join(MODEL_DIR, "training.json")) as f:

@@ -4,7 +4,7 @@ sent each turn (the conversation cache carries the history), and small talk in b
 
 The cases below are natural phrasings written here, not drawn from the training generator; most words in them
 (Marcus, Lisbon, Rex, tea, ...) are in the held-out lists that no training conversation contains
-(serving/default_model/vocab.py). The score is an accuracy over all conversations, with a threshold that a model
+(training/default_model/vocab.py). The score is an accuracy over all conversations, with a threshold that a model
 that only echoes its training vocabulary would fail.
 
 The same server also runs README.md's first conversation exactly as written there (only the address is the test

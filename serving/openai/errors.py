@@ -1,5 +1,6 @@
-"""The OpenAI error: the exception the app raises (`APIError`), its body (`openai_error`), and how any exception
-or pydantic validation error becomes one (`as_api_error`, `validation_error`)."""
+"""The OpenAI error: the exception the app raises (`APIError`), its body (`openai_error`), how any exception
+or pydantic validation error becomes one (`as_api_error`, `validation_error`), and the errors the server and the
+batch job share (`check_model`: a request naming another model; `finish_error`: a result ended in error)."""
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,24 @@ class APIError(Exception):
 
 
 openai_error = bodies.error_body  # {"error": {"message", "type", "param", "code"}}
+
+
+def check_model(name: str | None, accepted: set, served: str) -> None:
+    """404 for a request naming a model other than the served one (`accepted`: the names it answers to)."""
+    if name and name not in accepted:
+        shown = name if len(name) <= 200 else name[:200] + "..."
+        raise APIError(404, f"the model {shown!r} does not exist; this server serves {served!r}",
+                       param="model", code="model_not_found")
+
+
+def finish_error(result) -> APIError | None:
+    """The error a result that ended in error or abort is answered with (None for a finished one)."""
+    if result.finish_reason == "error":
+        return APIError(500, f"generation failed: {getattr(result, 'error', None) or 'engine error'}",
+                        code="generation_error")
+    if result.finish_reason == "abort":
+        return APIError(503, "the request was aborted", code="aborted")
+    return None
 
 
 def as_api_error(exc: BaseException) -> APIError:

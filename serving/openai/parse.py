@@ -19,6 +19,12 @@ def engine_vocab_size(engine) -> int:
     return int(v or 0)
 
 
+def served_names(engine, served_model_name: str | None) -> tuple[str, set]:
+    """The name answers carry (`--served-model-name`, else the engine's) and the names a request may give."""
+    name = served_model_name or getattr(engine, "model_name", None) or "default"
+    return name, {name, getattr(engine, "model_name", name)}
+
+
 def parse_request(model: type[BaseModel], body: bytes | str | Any, *, vocab_size: int | None = None):
     """Validate a request body, JSON text or an already parsed object (the batch job), into `model`; raises
     APIError(400) naming the first bad field. `vocab_size` bounds token ids (the served model's)."""

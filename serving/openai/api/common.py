@@ -19,10 +19,10 @@ from serving.openai.api.pump import Pump, PumpGroup, call
 from serving.openai.api.request_id import HEADER, request_id_of
 from serving.openai.api.sse import sse
 from serving.openai.chat_output import OutputConfig
-from serving.openai.errors import APIError, as_api_error, openai_error, validation_error
+from serving.openai.errors import APIError, as_api_error, check_model, finish_error, openai_error, validation_error
 from serving.openai.fields import check_id
 from serving.openai.logprobs import LogprobFormatter
-from serving.openai.parse import engine_vocab_size, parse_request
+from serving.openai.parse import engine_vocab_size, parse_request, served_names
 
 _INLINE_PARSE_BYTES = 64 * 1024   # larger bodies are parsed in a worker thread, off the event loop
 
@@ -95,8 +95,7 @@ class ServerContext:
         self.output = output or OutputConfig()   # tool-call and reasoning parsers (serving/openai/chat_output.py)
         self.require_cache_salt = bool(require_cache_salt)
         self.vocab_size = engine_vocab_size(engine) or None
-        self.model_name = served_model_name or getattr(engine, "model_name", None) or "default"
-        self.accepted_models = {self.model_name, getattr(engine, "model_name", self.model_name)}
+        self.model_name, self.accepted_models = served_names(engine, served_model_name)
         self.max_model_len = int(getattr(engine, "max_model_len", 0) or 0)
         self.created = int(time.time())
         self.delivery_timeout = float(getattr(engine, "delivery_timeout", 120.0))  # see serving/openai/api/delivery.py
@@ -152,19 +151,11 @@ class ServerContext:
 
     @staticmethod
     def finish_error(result) -> APIError | None:
-        """A result that ended in error or abort is answered as an error."""
-        if result.finish_reason == "error":
-            return APIError(500, f"generation failed: {getattr(result, 'error', None) or 'engine error'}",
-                            code="generation_error")
-        if result.finish_reason == "abort":
-            return APIError(503, "the request was aborted", code="aborted")
-        return None
+        """A result that ended in error or abort is answered as an error (serving/openai/errors.py)."""
+        return finish_error(result)
 
     def check_model(self, name: str | None):
-        if name and name not in self.accepted_models:
-            shown = name if len(name) <= 200 else name[:200] + "..."
-            raise APIError(404, f"the model {shown!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+        check_model(name, self.accepted_models, self.model_name)
 
     # ------------------------------------------------------------------ generation
     async def start(self, fn: Callable, *args, **kwargs):

@@ -1,6 +1,6 @@
 """Measure the default model on synthetic conversations it never saw, turn by turn, through the cached steps.
 
-    python -m serving.default_model.evaluate --split heldout --n 300 --seed 1
+    python -m training.default_model.evaluate --split heldout --n 300 --seed 1
 
 Each conversation is played as a chat client plays it: every assistant message is replaced by the model's own
 greedy reply and stays in the history. The model runs on the paged cache of `hybrid_jax.make_steps` (prefill,
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax import SpanBatch, init_cache, make_steps
-from serving.default_model import data as D
+from training.default_model import data as D
 from serving.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from hybrid_jax import load_pretrained
     from serving.default_model import MODEL_DIR
 
-    ap = argparse.ArgumentParser(prog="python -m serving.default_model.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.default_model.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=MODEL_DIR, help="checkpoint directory (default: the shipped model)")
     ap.add_argument("--split", choices=("heldout", "train"), default="heldout",
                     help="heldout: unseen phrasings and words; train: training phrasings, fresh values")

@@ -1,8 +1,8 @@
 """Train the embedded default model: a small NemotronH-layout hybrid on synthetic multi-turn chats with memory.
 
-    python -m serving.default_model.train --out serving/default_model
+    python -m training.default_model.train --out serving/default_model
 
-The conversations come from `serving.default_model.data`: facts about the user stated in many phrasings, small
+The conversations come from `training.default_model.data`: facts about the user stated in many phrasings, small
 talk in between, questions about the facts; wide word lists and random strings and numbers as values. They are
 rendered with `ByteTokenizer().apply_chat_template` exactly as the server renders them; the loss covers only
 the assistant's tokens (content and its closing `<|end|>`), the answers to fact questions weighted higher.
@@ -11,7 +11,7 @@ the model learns to copy a value from an earlier turn; the rest see the full mix
 warmup, cosine decay and global-norm clipping, one jitted step through `hybrid_jax.forward`, on CPU.
 
 During training, recall on held-out conversations is checked teacher-forced (argmax over the answer tokens given
-the true history). At the end it is measured for real with `serving.default_model.evaluate`: turn by turn, the
+the true history). At the end it is measured for real with `training.default_model.evaluate`: turn by turn, the
 model's own greedy replies kept in the history, through the paged-cache steps the engine runs, on conversations
 built only from held-out phrasings and words.
 
@@ -36,8 +36,9 @@ import optax
 from hybrid_jax import forward, from_hf
 from hybrid_jax.export import save_pretrained
 from hybrid_jax.loader import expected_shapes
-from serving.default_model import data as D
-from serving.default_model import evaluate as E
+from serving.default_model import MODEL_DIR
+from training.default_model import data as D
+from training.default_model import evaluate as E
 from serving.tokenizer import ByteTokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,8 +269,9 @@ def teacher_forced_recall(params, cfg, convs: list[D.Conversation], batch: int =
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m serving.default_model.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="output directory")
+    ap = argparse.ArgumentParser(prog="python -m training.default_model.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=MODEL_DIR, help="output directory (default: serving/default_model, the "
+                    "shipped model)")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--short-steps", type=int, default=500,
                     help="first steps on short conversations (two facts at most, no small talk): cheaper steps "
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = final_evaluation(params, cfg, args)
     wall = time.time() - t0
     info = {
-        "command": "python -m serving.default_model.train " + " ".join(argv),
+        "command": "python -m training.default_model.train " + " ".join(argv),
         **{k: getattr(args, k) for k in ("steps", "short_steps", "seed", "batch", "lr", "warmup", "weight_decay",
                                          "clip", "answer_weight", "dtype")},
         "num_params": n_params, "final_loss": loss,
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                      "fact-answer tokens weighted by answer_weight",
         "heldout_recall_accuracy": evaluation["heldout"]["recall"],
         "evaluation": evaluation,
-        "eval_method": "serving.default_model.evaluate: turn-by-turn greedy play through the paged-cache steps, "
+        "eval_method": "training.default_model.evaluate: turn-by-turn greedy play through the paged-cache steps, "
                        "the model's own replies kept in the history; a fact answer counts when the reply equals "
                        "the expected one exactly",
         "train_time_s": round(train_time, 1), "wall_time_s": round(wall, 1),
