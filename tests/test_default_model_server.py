@@ -16,11 +16,9 @@ import os
 import re
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 import test_server
@@ -79,13 +77,6 @@ CASES = [
 THRESHOLD = 0.85
 
 
-def step_programs(srv) -> tuple[int, int]:
-    """(compiled, total) step programs, as the server's /metrics says."""
-    text = httpx.get(srv.url + "/metrics", timeout=30).text
-    return tuple(int(float(re.search(rf"^hybrid_serve_step_programs_{k} (\S+)$", text, re.M).group(1)))
-                 for k in ("compiled", "total"))
-
-
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """The default server as a first start runs it: default warm-up, an empty compilation cache."""
@@ -99,7 +90,7 @@ def default_server(tmp_path_factory):
     saved, test_server.MODEL = test_server.MODEL, None  # this test is about the default model, whatever
     try:                                                # SERVING_TEST_MODEL says
         srv.start()
-        srv.programs_when_healthy = step_programs(srv)
+        srv.programs_when_healthy = srv.step_programs()
     finally:
         test_server.MODEL = saved
     yield srv
@@ -111,10 +102,7 @@ def test_a_first_start_serves_before_every_program_is_compiled(default_server):
     log (a file here, not a terminal) says how far that got."""
     compiled, total = default_server.programs_when_healthy
     assert 0 < compiled < total
-    deadline = time.monotonic() + 900
-    while step_programs(default_server)[0] < total:
-        assert time.monotonic() < deadline, default_server.log_tail()
-        time.sleep(1)
+    default_server.wait_until_compiled()
     log = default_server.log_path.read_text(errors="replace")
     first = int(re.search(r"warm-up: (\d+) step programs ready", log).group(1))
     rest = total - first

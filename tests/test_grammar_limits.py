@@ -319,6 +319,7 @@ def test_server_refuses_hostile_constraints_and_keeps_serving(srv):
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         warm = http.post("/v1/chat/completions", json=_chat(structured_outputs={"regex": "[a-z]{4}"}))
         assert warm.status_code == 200, warm.text  # what the grammar engine's first use builds is not growth
+        srv.wait_until_compiled()  # nor are the step programs the background warm-up compiles
         before = _rss_mib(srv)
         for name, body, param in HOSTILE * 2:  # twice: a refused constraint is not cached, never cheaper
             t0 = time.perf_counter()

@@ -94,6 +94,19 @@ class ServerProcess:
         except OSError:
             return "(no log)"
 
+    def step_programs(self) -> tuple[int, int]:
+        """(compiled, total) step programs, as the server's /metrics says."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        return tuple(int(float(re.search(rf"^hybrid_serve_step_programs_{k} (\S+)$", text, re.M).group(1)))
+                     for k in ("compiled", "total"))
+
+    def wait_until_compiled(self, timeout: float = 900) -> None:
+        """Wait for the background warm-up to compile every step program (a steady state to measure from)."""
+        deadline = time.monotonic() + timeout
+        while (n := self.step_programs())[0] < n[1]:
+            assert time.monotonic() < deadline, self.log_tail()
+            time.sleep(0.5)
+
     def client(self, key: str | None = None) -> openai.OpenAI:
         # max_retries=0: the client must not hide 409/429/5xx by retrying.
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=120)
